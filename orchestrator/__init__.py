@@ -1,0 +1,1 @@
+"""cotune coordinator: API, state, queue, sweep logic, merge, Ray pool, metrics and the CLI."""

@@ -1,0 +1,1 @@
+"""LoRA adapter merging: one MergeStrategy per module, pure math apart."""

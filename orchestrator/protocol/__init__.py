@@ -1,0 +1,1 @@
+"""Light, shared data models: the only part of orchestrator/ that worker/ may import."""

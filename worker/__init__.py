@@ -1,0 +1,1 @@
+"""cotune worker agent: QLoRA training on volunteer and cluster GPUs."""
