@@ -18,7 +18,9 @@ app = typer.Typer(
     help="cotune: distributed community fine-tuning (QLoRA sweeps, exact adapter merging).",
 )
 
-HomeOption = typer.Option(None, "--home", help="State folder of the embedded stack [default: ~/.cotune, or $COTUNE_HOME].")
+HomeOption = typer.Option(
+    None, "--home", help="State folder of the embedded stack [default: ~/.cotune, or $COTUNE_HOME]."
+)
 
 
 @app.command()
@@ -64,7 +66,9 @@ def merge(
     adapters: list[Path] = typer.Argument(..., help="PEFT adapter folders to merge."),
     out: Path = typer.Option(..., "--out", help="Folder for the merged PEFT adapter."),
     method: str = typer.Option("svd", "--method", help="svd | cat | linear | ties | dare"),
-    rank: int | None = typer.Option(None, "--rank", help="Output rank [default: the inputs' rank]."),
+    rank: int | None = typer.Option(
+        None, "--rank", help="Output rank [default: the inputs' rank]."
+    ),
     weights: str | None = typer.Option(
         None, "--weights", help="Comma-separated weights [default: each adapter's trained tokens]."
     ),

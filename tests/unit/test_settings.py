@@ -1,0 +1,119 @@
+"""Settings: COTUNE_* variables, overrides, defaults and the errors bad values get."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from orchestrator.settings import Settings
+
+VARIABLES = {
+    "COTUNE_HOME": "/srv/cotune",
+    "COTUNE_REDIS_URL": "redis://redis.internal:6379/2",
+    "COTUNE_S3_ENDPOINT": "https://s3.example.com",
+    "COTUNE_S3_BUCKET": "artifacts",
+    "COTUNE_S3_ACCESS_KEY": "AK",
+    "COTUNE_S3_SECRET_KEY": "SK",
+    "COTUNE_S3_REGION": "eu-west-1",
+    "RAY_ADDRESS": "ray://head:10001",
+    "COTUNE_API_HOST": "0.0.0.0",
+    "COTUNE_API_PORT": "9000",
+    "COTUNE_ADMIN_TOKEN": "admin-token",
+}
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test sees only the variables it sets, whatever the developer exported."""
+    for name in list(os.environ):
+        if name.startswith("COTUNE_") or name == "RAY_ADDRESS":
+            monkeypatch.delenv(name)
+
+
+def test_defaults_mean_the_embedded_stack() -> None:
+    settings = Settings.from_env()
+    assert settings == Settings()
+    assert settings.home == Path("~/.cotune").expanduser()
+    assert settings.s3_bucket == "cotune"
+    assert settings.s3_region == "us-east-1"
+    assert (settings.api_host, settings.api_port) == ("127.0.0.1", 8470)
+    assert settings.embedded
+
+
+def test_every_variable_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in VARIABLES.items():
+        monkeypatch.setenv(name, value)
+    settings = Settings.from_env()
+    assert settings == Settings(
+        home=Path("/srv/cotune"),
+        redis_url="redis://redis.internal:6379/2",
+        s3_endpoint="https://s3.example.com",
+        s3_bucket="artifacts",
+        s3_access_key="AK",
+        s3_secret_key="SK",
+        s3_region="eu-west-1",
+        ray_address="ray://head:10001",
+        api_host="0.0.0.0",
+        api_port=9000,
+        admin_token="admin-token",
+    )
+    assert not settings.embedded
+
+
+@pytest.mark.parametrize("configured", ["COTUNE_REDIS_URL", "COTUNE_S3_ENDPOINT"])
+def test_either_external_service_leaves_embedded_mode(
+    monkeypatch: pytest.MonkeyPatch, configured: str
+) -> None:
+    monkeypatch.setenv(configured, VARIABLES[configured])
+    assert not Settings.from_env().embedded
+
+
+def test_empty_variables_count_as_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in VARIABLES:
+        monkeypatch.setenv(name, "")
+    assert Settings.from_env() == Settings()
+
+
+def test_home_expands_the_user_folder(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", "/home/someone")
+    monkeypatch.setenv("COTUNE_HOME", "~/state")
+    assert Settings.from_env().home == Path("/home/someone/state")
+    assert Settings.from_env(home="~/other").home == Path("/home/someone/other")
+
+
+def test_overrides_win_and_none_overrides_are_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COTUNE_HOME", "/from/env")
+    monkeypatch.setenv("COTUNE_S3_BUCKET", "env-bucket")
+    settings = Settings.from_env(home=Path("/from/flag"), s3_bucket=None)
+    assert settings.home == Path("/from/flag")
+    assert settings.s3_bucket == "env-bucket"
+    assert Settings.from_env(home=None).home == Path("/from/env")
+
+
+def test_unknown_override_is_refused() -> None:
+    with pytest.raises(TypeError, match="s3_bukket"):
+        Settings.from_env(s3_bukket="typo")
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ("http", r"COTUNE_API_PORT must be a port number, got 'http'"),
+        ("0", r"COTUNE_API_PORT must be in 1\.\.65535, got 0"),
+        ("70000", r"COTUNE_API_PORT must be in 1\.\.65535, got 70000"),
+    ],
+)
+def test_bad_port_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch, raw: str, message: str
+) -> None:
+    monkeypatch.setenv("COTUNE_API_PORT", raw)
+    with pytest.raises(ValueError, match=message):
+        Settings.from_env()
+
+
+def test_settings_are_frozen() -> None:
+    settings = Settings()
+    with pytest.raises(AttributeError):
+        settings.redis_url = "redis://elsewhere"  # type: ignore[misc]
