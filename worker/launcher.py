@@ -1,0 +1,235 @@
+"""`cotune worker`: checks the flags, finds the devices, runs one agent per GPU.
+
+One GPU (or the CPU): the agent runs in this process. Several GPUs: one child process per
+GPU, each pinned with CUDA_VISIBLE_DEVICES; the children run in their own sessions so a
+terminal's Ctrl-C reaches only this parent, which passes each signal on once (a child's
+second signal means "quit now", so it must not get the terminal's copy and ours).
+
+Signals in an agent process: the first SIGTERM / SIGINT finishes the current step, uploads
+a checkpoint, gives the lease back and exits 0; a second one exits at once (130).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+from worker.agent import EXIT_OK, EXIT_USAGE, Agent, AgentConfig
+from worker.client import check_coordinator_url
+
+log = logging.getLogger("cotune.worker")
+
+GIB = 1 << 30
+# The variable CUDA reads to choose the devices a process sees (not a cotune setting).
+CUDA_DEVICES_ENV = "CUDA_VISIBLE_DEVICES"
+
+
+class UsageError(ValueError):
+    """A flag that cannot work; the message names it."""
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    coordinator: str
+    join_token: str
+    gpus: str | None = None
+    max_memory_gb: float | None = None
+    cpu: bool = False
+    once: bool = False
+    wait_s: float = 300.0
+    work_dir: Path = Path("~/.cotune/worker")
+    agent_process: bool = False  # a child of a multi-GPU parent: plain logs, work_dir as given
+
+
+def worker_command(options: WorkerOptions) -> int:
+    """Run `cotune worker`; returns the exit code (see worker.agent EXIT_*)."""
+    work_dir = options.work_dir.expanduser()
+    try:
+        gpus = _check(options)
+        masks = [_physical(gpu) for gpu in gpus or []]
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    if options.agent_process:
+        return _run_agent(options, work_dir)  # the parent pinned this process's device
+    if options.cpu:
+        os.environ[CUDA_DEVICES_ENV] = ""  # before torch loads: training then runs on CPU
+        return _run_agent(options, work_dir / "cpu")
+    if gpus is None:
+        count = _cuda_device_count()
+        gpus, masks = list(range(count)), [_physical(gpu) for gpu in range(count)]
+    if len(gpus) > 1:
+        return _supervise(options, dict(zip(gpus, masks, strict=True)), work_dir)
+    if gpus:
+        os.environ[CUDA_DEVICES_ENV] = masks[0]  # pinned before torch loads
+        return _run_agent(options, work_dir / f"gpu{gpus[0]}")
+    return _run_agent(options, work_dir / "cpu")
+
+
+def _check(options: WorkerOptions) -> list[int] | None:
+    try:
+        check_coordinator_url(options.coordinator)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if not options.join_token.strip():
+        raise UsageError("--join-token is empty: ask the coordinator's operator for one")
+    if options.max_memory_gb is not None and options.max_memory_gb <= 0:
+        raise UsageError(f"--max-memory-gb must be positive, got {options.max_memory_gb}")
+    if options.wait_s < 0:
+        raise UsageError(f"--wait must be >= 0 seconds, got {options.wait_s}")
+    if options.gpus is None:
+        return None
+    if options.cpu:
+        raise UsageError("--cpu and --gpus exclude each other: pick one")
+    try:
+        gpus = [int(part) for part in options.gpus.split(",")]
+    except ValueError:
+        raise UsageError(f"--gpus {options.gpus!r}: give device indexes such as 0 or 0,1") from None
+    if any(g < 0 for g in gpus) or len(set(gpus)) != len(gpus):
+        raise UsageError(f"--gpus {options.gpus!r}: indexes must be distinct and >= 0")
+    return gpus
+
+
+def _physical(index: int) -> str:
+    """The CUDA_VISIBLE_DEVICES entry for visible device `index`, under any existing mask."""
+    mask = os.environ.get(CUDA_DEVICES_ENV)
+    if not mask:
+        return str(index)
+    entries = [e.strip() for e in mask.split(",") if e.strip()]
+    if index >= len(entries):
+        raise UsageError(f"--gpus {index}: {CUDA_DEVICES_ENV}={mask} shows {len(entries)} devices")
+    return entries[index]
+
+
+def _cuda_device_count() -> int:
+    import torch
+
+    # device_count asks NVML and creates no CUDA context in this (parent) process.
+    return int(torch.cuda.device_count())
+
+
+def _run_agent(options: WorkerOptions, work_dir: Path) -> int:
+    from rich.console import Console
+
+    from worker.hardware import detect_hardware
+    from worker.transfer import LogLines, RichBars, TransferDisplay
+
+    console = Console(stderr=True)
+    tty = console.is_terminal and not options.agent_process
+    _configure_logging(console if tty else None, options)
+    hardware = detect_hardware()
+    if options.gpus is not None and not options.cpu and not hardware.devices:
+        which = (
+            f"GPU {os.environ.get(CUDA_DEVICES_ENV)}"
+            if options.agent_process
+            else f"--gpus {options.gpus}"
+        )
+        print(f"error: {which}: no such CUDA device here", file=sys.stderr)
+        return EXIT_USAGE
+    where = ", ".join(d.name for d in hardware.devices) or f"CPU ({hardware.cpu_count} cores)"
+    log.info("training on %s; work folder %s", where, work_dir)
+    display: TransferDisplay = RichBars(console) if tty else LogLines()
+    config = AgentConfig(
+        coordinator=options.coordinator,
+        join_token=options.join_token,
+        work_dir=work_dir,
+        once=options.once,
+        wait_for_work_s=options.wait_s,
+        max_memory_bytes=int(options.max_memory_gb * GIB) if options.max_memory_gb else None,
+    )
+    agent = Agent(config, hardware, display=display)
+    _install_signals(agent)
+    try:
+        return agent.run()
+    finally:
+        agent.close()
+
+
+def _install_signals(agent: Agent) -> None:
+    received = 0
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        nonlocal received
+        received += 1
+        if received > 1:
+            os._exit(128 + signal.SIGINT)
+        log.warning(
+            "%s: finishing the current step, uploading a checkpoint and giving the task "
+            "back (press Ctrl-C again to quit at once)",
+            signal.Signals(signum).name,
+        )
+        agent.request_stop()
+
+    signal.signal(signal.SIGINT, handle)
+    signal.signal(signal.SIGTERM, handle)
+
+
+def _supervise(options: WorkerOptions, gpus: dict[int, str], work_dir: Path) -> int:
+    """One child agent per GPU (`gpus`: index -> CUDA_VISIBLE_DEVICES entry); waits for all."""
+    _configure_logging(None, options)
+    children: dict[int, subprocess.Popen[bytes]] = {}
+    for gpu, mask in gpus.items():
+        argv = [
+            sys.executable,
+            "-c",
+            "from orchestrator.cli import main; main()",
+            "worker",
+            "--coordinator",
+            options.coordinator,
+            "--join-token",
+            options.join_token,
+            "--gpus",
+            "0",
+            "--work-dir",
+            str(work_dir / f"gpu{gpu}"),
+            "--wait",
+            str(options.wait_s),
+            "--agent-process",
+        ]
+        if options.once:
+            argv.append("--once")
+        if options.max_memory_gb is not None:
+            argv += ["--max-memory-gb", str(options.max_memory_gb)]
+        env = {**os.environ, CUDA_DEVICES_ENV: mask}
+        children[gpu] = subprocess.Popen(argv, env=env, start_new_session=True)
+        log.info("agent for GPU %d started (pid %d)", gpu, children[gpu].pid)
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        for child in children.values():
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    codes = {gpu: child.wait() for gpu, child in children.items()}
+    failed = {gpu: code for gpu, code in codes.items() if code != EXIT_OK}
+    for gpu, code in failed.items():
+        log.error("agent for GPU %d exited with %d", gpu, code)
+    return max(failed.values(), default=EXIT_OK)
+
+
+def _configure_logging(console: object | None, options: WorkerOptions) -> None:
+    root = logging.getLogger()
+    if root.handlers:
+        return  # embedded in a program (or a test) that set up logging itself
+    if console is not None:
+        from rich.console import Console
+        from rich.logging import RichHandler
+
+        assert isinstance(console, Console)
+        handler: logging.Handler = RichHandler(console=console, show_path=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        prefix = f"[{options.work_dir.name}] " if options.agent_process else ""
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {prefix}%(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
