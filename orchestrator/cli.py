@@ -9,8 +9,12 @@ from __future__ import annotations
 
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
+
+if TYPE_CHECKING:
+    from orchestrator.jobs_cli import Connection
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -33,16 +37,36 @@ def validate(
     raise typer.Exit(validate_command(spec))
 
 
-@app.command()
-def up(home: Path | None = HomeOption) -> None:
-    """Run the embedded stack (Redis, S3) in the foreground until Ctrl-C or SIGTERM.
+WorkersOption = typer.Option(
+    None,
+    "--workers",
+    min=0,
+    help="Local workers, started as work arrives [default: one per GPU, or one CPU worker].",
+)
 
-    Example: cotune up --home /tmp/cotune
+
+@app.command()
+def up(home: Path | None = HomeOption, workers: int | None = WorkersOption) -> None:
+    """Run the embedded stack (Redis, S3), Ray, the API and local workers until Ctrl-C.
+
+    Example: cotune up --home /tmp/cotune --workers 2
     """
     from orchestrator.settings import Settings
     from orchestrator.stack import run_up
 
-    raise typer.Exit(run_up(Settings.from_env(home=home)))
+    raise typer.Exit(run_up(Settings.from_env(home=home), workers))
+
+
+@app.command()
+def coordinator(home: Path | None = HomeOption, workers: int | None = WorkersOption) -> None:
+    """Run the coordinator alone against external Redis and S3 (COTUNE_REDIS_URL, ...).
+
+    Example: COTUNE_REDIS_URL=redis://... COTUNE_S3_ENDPOINT=https://... cotune coordinator
+    """
+    from orchestrator.coordinator import run_coordinator
+    from orchestrator.settings import Settings
+
+    raise typer.Exit(run_coordinator(Settings.from_env(home=home), workers))
 
 
 @app.command()
@@ -50,15 +74,18 @@ def run(
     spec: Path = typer.Argument(..., help="Sweep spec (YAML)."),
     out: Path = typer.Option(Path("out"), "--out", help="Folder that receives the results."),
     home: Path | None = HomeOption,
+    workers: int | None = WorkersOption,
 ) -> None:
     """Run a sweep on this machine with the embedded stack, then stop it.
+
+    Shows live progress; the best adapter, its model card and results.json land in --out.
 
     Example: cotune run examples/tiny/sweep.yaml --out out/tiny
     """
     from orchestrator.runner import run_command
     from orchestrator.settings import Settings
 
-    raise typer.Exit(run_command(spec, out, Settings.from_env(home=home)))
+    raise typer.Exit(run_command(spec, out, Settings.from_env(home=home), workers=workers))
 
 
 @app.command()
@@ -86,6 +113,163 @@ def merge(
             adapters, out, method=method, rank=rank, weights=weights, density=density, seed=seed
         )
     )
+
+
+# --- job commands: they talk to a coordinator's API (orchestrator/jobs_cli.py) -------------
+
+CoordinatorOption = typer.Option(
+    None,
+    "--coordinator",
+    help="Coordinator URL [default: $COTUNE_COORDINATOR, or the `cotune up` of --home].",
+)
+TokenOption = typer.Option(
+    None, "--token", help="Admin token [default: $COTUNE_ADMIN_TOKEN, or <home>/admin-token]."
+)
+
+
+def _conn(coordinator: str | None, token: str | None, home: Path | None) -> Connection:
+    from orchestrator.jobs_cli import Connection
+
+    return Connection(coordinator=coordinator, token=token, home=home)
+
+
+@app.command()
+def submit(
+    spec: Path = typer.Argument(..., help="Sweep spec (YAML); its relative paths are resolved."),
+    coordinator: str | None = CoordinatorOption,
+    token: str | None = TokenOption,
+    home: Path | None = HomeOption,
+) -> None:
+    """Submit a sweep to the coordinator; prints the job id.
+
+    Example: cotune submit examples/tiny/sweep.yaml
+    """
+    from orchestrator.jobs_cli import submit_command
+
+    raise typer.Exit(submit_command(spec, _conn(coordinator, token, home)))
+
+
+@app.command()
+def status(
+    job: str = typer.Argument(..., help="Job id."),
+    watch: bool = typer.Option(False, "--watch", help="Keep it updated until the job ends."),
+    interval: float = typer.Option(2.0, "--interval", help="Seconds between updates (--watch)."),
+    coordinator: str | None = CoordinatorOption,
+    token: str | None = TokenOption,
+    home: Path | None = HomeOption,
+) -> None:
+    """A job's state, trials, rounds, eval losses and progress.
+
+    Example: cotune status tiny-1a2b3c4d --watch
+    """
+    from orchestrator.jobs_cli import status_command
+
+    conn = _conn(coordinator, token, home)
+    raise typer.Exit(status_command(job, conn, watch, interval))
+
+
+@app.command()
+def results(
+    job: str = typer.Argument(..., help="Job id."),
+    coordinator: str | None = CoordinatorOption,
+    token: str | None = TokenOption,
+    home: Path | None = HomeOption,
+) -> None:
+    """The job's trials ranked by eval loss."""
+    from orchestrator.jobs_cli import results_command
+
+    raise typer.Exit(results_command(job, _conn(coordinator, token, home)))
+
+
+@app.command()
+def download(
+    job: str = typer.Argument(..., help="Job id (a succeeded one)."),
+    out: Path = typer.Option(..., "--out", help="Folder for the best adapter's files."),
+    coordinator: str | None = CoordinatorOption,
+    token: str | None = TokenOption,
+    home: Path | None = HomeOption,
+) -> None:
+    """Fetch the best merged adapter (PEFT format, with its model card), sha256 checked.
+
+    Example: cotune download tiny-1a2b3c4d --out best/
+    """
+    from orchestrator.jobs_cli import download_command
+
+    conn = _conn(coordinator, token, home)
+    raise typer.Exit(download_command(job, out, conn))
+
+
+@app.command()
+def cancel(
+    job: str = typer.Argument(..., help="Job id."),
+    coordinator: str | None = CoordinatorOption,
+    token: str | None = TokenOption,
+    home: Path | None = HomeOption,
+) -> None:
+    """Cancel a job: queued tasks are dropped, running ones stop at their next heartbeat."""
+    from orchestrator.jobs_cli import cancel_command
+
+    raise typer.Exit(cancel_command(job, _conn(coordinator, token, home)))
+
+
+@app.command()
+def jobs(
+    coordinator: str | None = CoordinatorOption,
+    token: str | None = TokenOption,
+    home: Path | None = HomeOption,
+) -> None:
+    """Every job on the coordinator."""
+    from orchestrator.jobs_cli import jobs_command
+
+    raise typer.Exit(jobs_command(_conn(coordinator, token, home)))
+
+
+@app.command()
+def workers(
+    coordinator: str | None = CoordinatorOption,
+    token: str | None = TokenOption,
+    home: Path | None = HomeOption,
+) -> None:
+    """Enrolled workers: hardware, last heartbeat, credit, tasks, leases."""
+    from orchestrator.jobs_cli import workers_command
+
+    raise typer.Exit(workers_command(_conn(coordinator, token, home)))
+
+
+@app.command()
+def leaderboard(
+    coordinator: str | None = CoordinatorOption,
+    token: str | None = TokenOption,
+    home: Path | None = HomeOption,
+) -> None:
+    """Contributors ranked by accepted training tokens."""
+    from orchestrator.jobs_cli import leaderboard_command
+
+    raise typer.Exit(leaderboard_command(_conn(coordinator, token, home)))
+
+
+token_app = typer.Typer(no_args_is_help=True, help="Create tokens (join tokens for volunteers).")
+app.add_typer(token_app, name="token")
+
+
+@token_app.command("create")
+def token_create(
+    join: bool = typer.Option(False, "--join", help="A join token, for `cotune worker`."),
+    name: str = typer.Option("volunteer", "--name", help="Contributor credited for the work."),
+    kind: str = typer.Option("volunteer", "--kind", help="volunteer | cluster"),
+    ttl: float | None = typer.Option(None, "--ttl", help="Seconds until it expires [never]."),
+    coordinator: str | None = CoordinatorOption,
+    token: str | None = TokenOption,
+    home: Path | None = HomeOption,
+) -> None:
+    """Create a join token; the volunteer's command line is printed with it.
+
+    Example: cotune token create --join --name alice
+    """
+    from orchestrator.jobs_cli import token_create_command
+
+    conn = _conn(coordinator, token, home)
+    raise typer.Exit(token_create_command(conn, join, name, kind, ttl))
 
 
 def _load_plugins() -> None:

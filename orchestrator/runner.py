@@ -1,16 +1,21 @@
-"""`cotune run`: the main job on one machine, on the embedded stack.
+"""`cotune run`: the main job on one machine, with everything embedded.
 
-Today it runs what exists before the coordinator: bring the embedded stack up (or use the
-configured services), validate the spec, store it, shard the dataset into the object store,
-write a summary into the output folder and stop the stack.
+    cotune run examples/tiny/sweep.yaml --out out/tiny [--workers N]
 
-    cotune run examples/tiny/sweep.yaml --out out/tiny
+It validates the spec, brings the embedded stack up (Redis, S3) and the coordinator with
+it (Ray, the API, the reconciler, N local workers: orchestrator/coordinator.py), submits
+the spec through the API like `cotune submit` would, shows live progress (trials, rounds,
+losses, workers), downloads the best adapter folder (adapter_config.json,
+adapter_model.safetensors, README.md, results.json) into --out and stops everything.
+
+When a `cotune up` already serves this home, `cotune run` submits to it and leaves it
+running. Ctrl-C stops the run; the job stays in the home's Redis, and the next `cotune up`
+on that home carries on with it.
 """
 
 from __future__ import annotations
 
-import json
-import secrets
+import time
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -21,17 +26,14 @@ from rich.table import Table
 from orchestrator.protocol.spec import SpecError, SweepSpec, load_spec
 from orchestrator.settings import Settings
 
-EXIT_INVALID = 2
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
-def new_job_id(spec: SweepSpec) -> str:
-    """A readable, unique job id: the spec's name and 8 random hex digits."""
-    return f"{spec.name}-{secrets.token_hex(4)}"
-
-
-def run_command(spec_path: Path, out: Path, settings: Settings) -> int:
+def run_command(
+    spec_path: Path, out: Path, settings: Settings, *, workers: int | None = None
+) -> int:
     """Run the sweep at `spec_path`; return the process exit code."""
-    console, err = Console(), Console(stderr=True)
+    console, err = Console(highlight=False), Console(stderr=True)
     try:
         spec = load_spec(spec_path)
     except SpecError as exc:
@@ -42,58 +44,96 @@ def run_command(spec_path: Path, out: Path, settings: Settings) -> int:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         err.print(f"[red]--out {escape(str(out))} exists and is not an empty folder[/red]")
         return EXIT_INVALID
+    try:
+        return _run(spec_path, spec, out, settings, workers, console)
+    except KeyboardInterrupt:
+        err.print(
+            f"stopped. The job stays in {escape(str(settings.home))}: `cotune up --home "
+            f"{escape(str(settings.home))}` carries on with it"
+        )
+        return EXIT_INTERRUPTED
 
+
+def _run(
+    spec_path: Path,
+    spec: SweepSpec,
+    out: Path,
+    settings: Settings,
+    workers: int | None,
+    console: Console,
+) -> int:
     # Heavy modules load only once the input is known to be good.
-    from orchestrator.objectstore import ObjectStore, ObjectStoreError
-    from orchestrator.sharding import ShardingError, data_prefix, shard_to_store
-    from orchestrator.stack import EmbeddedStack, StackError, settings_for_stack
+    from orchestrator.client import ApiError, CotuneClient, discover_url
+    from orchestrator.progress import JobWatch
+    from orchestrator.stack import StackError
+    from orchestrator.study import n_trials
+    from orchestrator.tokens import load_or_create_admin_token
 
+    began = time.monotonic()
+    err = Console(stderr=True)
     with ExitStack() as running:
         try:
-            if settings.embedded:
-                console.print(f"starting the embedded stack under {settings.home} ...")
-                info = running.enter_context(EmbeddedStack(settings.home, settings.s3_bucket))
-                settings = settings_for_stack(info, settings)
-                console.print(f"stack ready in {info.startup_s:.1f} s: s3 {info.s3_endpoint}")
-            store = ObjectStore.from_settings(settings)
-            store.ensure_bucket()
-            job_id = new_job_id(spec)
-            store.put_bytes(f"jobs/{job_id}/spec.yaml", spec.to_yaml().encode())
-            console.print(f"job [bold]{job_id}[/]: sharding {escape(spec.dataset.path)}")
-            manifest = shard_to_store(
-                spec.dataset.path,
-                store=store,
-                job_id=job_id,
-                fmt=spec.dataset.format,
-                shards=spec.dataset.shards,
-                eval_split=spec.dataset.eval_split,
-                seed=spec.dataset.seed,
-                max_bad_rows=spec.dataset.max_bad_rows,
-                progress=console.is_terminal,
-            )
-        except (StackError, ObjectStoreError, ShardingError) as exc:
-            err.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
-            return 1
-
-    out.mkdir(parents=True, exist_ok=True)
-    summary = {
-        "job_id": job_id,
-        "data_prefix": data_prefix(job_id),
-        "manifest": json.loads(manifest.to_json()),
-    }
-    (out / "job.json").write_text(json.dumps(summary, indent=2) + "\n")
-    _print_manifest(console, job_id, manifest)
-    console.print(
-        f"wrote {escape(str(out / 'job.json'))}. Training the sweep needs the coordinator, "
-        "which is not built yet: this run stops after sharding."
-    )
-    return 0
+            url = discover_url(settings.home) if settings.embedded else None
+            if url is not None:
+                console.print(f"using the coordinator already running at {url}")
+                token = settings.admin_token or load_or_create_admin_token(settings.home)
+            else:
+                url, token = _start(settings, workers, console, running)
+            client = running.enter_context(CotuneClient(url, token))
+            job_id = client.submit(spec_path)
+            console.print(f"submitted job [bold]{job_id}[/]")
+            watch = JobWatch(client, job_id, rounds=spec.rounds, n_trials=n_trials(spec))
+            job = watch.run(console)
+            if job.state != "succeeded":
+                err.print(f"[red]job {job_id} {job.state}[/]: {escape(job.error or '')}")
+                return EXIT_FAILED
+            files = client.download(job_id, out)
+            trials = client.trials(job_id)
+        except (ApiError, StackError, RuntimeError, OSError) as exc:
+            err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
+            return EXIT_FAILED
+        console.print("stopping ...")
+    _print_summary(console, job_id, trials, job.best_trial, files, time.monotonic() - began)
+    return EXIT_OK
 
 
-def _print_manifest(console: Console, job_id: str, manifest: object) -> None:
-    table = Table(title=f"job {job_id}: dataset shards", title_justify="left")
-    for column in ("split", "rows", "bytes", "sha256"):
-        table.add_column(column, justify="right" if column in ("rows", "bytes") else "left")
-    for split in manifest.files():  # type: ignore[attr-defined]
-        table.add_row(split.name, f"{split.rows:,}", f"{split.bytes:,}", split.sha256[:16])
+def _start(
+    settings: Settings, workers: int | None, console: Console, running: ExitStack
+) -> tuple[str, str]:
+    """Bring up the stack (when embedded) and the coordinator; their URL and admin token."""
+    from orchestrator.coordinator import CoordinatorService
+    from orchestrator.stack import EmbeddedStack, settings_for_stack
+
+    if settings.embedded:
+        console.print(f"starting the embedded stack under {escape(str(settings.home))} ...")
+        info = running.enter_context(EmbeddedStack(settings.home, settings.s3_bucket))
+        settings = settings_for_stack(info, settings)
+        console.print(f"stack ready in {info.startup_s:.1f} s: s3 {info.s3_endpoint}")
+    console.print("starting the coordinator (Ray, API, workers) ...")
+    service = running.enter_context(CoordinatorService(settings, workers=workers, api_port=0))
+    count = service.pool.agent_cap()
+    console.print(f"coordinator ready at {service.url} with up to {count} local worker(s)")
+    return service.url, service.admin_token
+
+
+def _print_summary(
+    console: Console,
+    job_id: str,
+    trials: list,  # list[TrialView]
+    best: int | None,
+    files: list[Path],
+    seconds: float,
+) -> None:
+    table = Table(title=f"job {job_id}: trials", title_justify="left")
+    for column in ("trial", "state", "eval loss per round", "params"):
+        table.add_column(column)
+    for t in trials:
+        mark = " (best)" if t.number == best else ""
+        losses = " ".join(f"{x:.4f}" for x in t.eval_losses) or "-"
+        table.add_row(f"{t.number}{mark}", t.state, losses, escape(str(t.params)))
     console.print(table)
+    for path in files:
+        console.print(f"  {escape(str(path))}  {path.stat().st_size:,} bytes")
+    console.print(
+        f"done in {seconds:.0f} s: the best adapter (trial {best}) is in {files[0].parent}"
+    )

@@ -30,6 +30,14 @@ class Settings:
     api_host: str = "127.0.0.1"
     api_port: int = 8470
     admin_token: str | None = None
+    # The coordinator's API, for the job commands (`cotune submit ...`): COTUNE_COORDINATOR.
+    coordinator_url: str | None = None
+    # Leases: a worker that misses heartbeats this long loses its task (COTUNE_LEASE_TTL_S);
+    # workers are asked to beat every heartbeat_interval_s (COTUNE_HEARTBEAT_INTERVAL_S).
+    lease_ttl_s: float = 120.0
+    heartbeat_interval_s: float = 10.0
+    # Failed attempts (expired, failed, rejected) before a task fails (COTUNE_MAX_ATTEMPTS).
+    max_attempts: int = 3
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:
@@ -47,6 +55,12 @@ class Settings:
             api_host=_env(ENV_PREFIX + "API_HOST", "127.0.0.1") or "127.0.0.1",
             api_port=_port(_env(ENV_PREFIX + "API_PORT", "8470")),
             admin_token=_env(ENV_PREFIX + "ADMIN_TOKEN"),
+            coordinator_url=_env(ENV_PREFIX + "COORDINATOR"),
+            lease_ttl_s=_positive("LEASE_TTL_S", _env(ENV_PREFIX + "LEASE_TTL_S"), 120.0),
+            heartbeat_interval_s=_positive(
+                "HEARTBEAT_INTERVAL_S", _env(ENV_PREFIX + "HEARTBEAT_INTERVAL_S"), 10.0
+            ),
+            max_attempts=int(_positive("MAX_ATTEMPTS", _env(ENV_PREFIX + "MAX_ATTEMPTS"), 3)),
         )
         given = {k: v for k, v in overrides.items() if v is not None}
         if "home" in given:
@@ -67,3 +81,17 @@ def _port(raw: str | None) -> int:
     if not 0 < port < 65536:
         raise ValueError(f"{ENV_PREFIX}API_PORT must be in 1..65535, got {port}")
     return port
+
+
+def _positive(name: str, raw: str | None, default: float) -> float:
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{ENV_PREFIX}{name} must be a number, got {raw!r}") from None
+    if not value > 0:
+        raise ValueError(f"{ENV_PREFIX}{name} must be > 0, got {raw!r}")
+    if name == "MAX_ATTEMPTS" and value != int(value):
+        raise ValueError(f"{ENV_PREFIX}{name} must be a whole number, got {raw!r}")
+    return value

@@ -299,8 +299,10 @@ class EmbeddedStack:
         return free_port(), SeaweedPorts.allocate()
 
 
-def run_up(settings: Settings) -> int:
-    """`cotune up`: run the embedded stack in the foreground until Ctrl-C or SIGTERM."""
+def run_up(settings: Settings, workers: int | None = None) -> int:
+    """`cotune up`: the embedded stack and the coordinator (Ray, the API, the reconciler and
+    up to `workers` local workers; orchestrator/coordinator.py), in the foreground until
+    Ctrl-C or SIGTERM."""
     from rich.console import Console
 
     console = Console(soft_wrap=True, highlight=False)
@@ -318,9 +320,12 @@ def run_up(settings: Settings) -> int:
             "point cotune at external services; unset them to run the embedded stack"
         )
         return 2
+    from orchestrator.coordinator import CoordinatorService, print_service
+
     stack = EmbeddedStack(settings.home, settings.s3_bucket)
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     code = 0
+    service: CoordinatorService | None = None
     try:
         info = stack.start()
         if info.attached:
@@ -329,26 +334,34 @@ def run_up(settings: Settings) -> int:
                 "use it, or stop it first"
             )
             return 1
+        # The coordinator depends on the stack: started after it, stopped before it.
+        service = CoordinatorService(settings_for_stack(info, settings), workers=workers)
+        service.start()
         _print_endpoints(console, info)
-        # Later issues start Ray, the API and local workers here, each stopped in the
-        # `finally` below before the stack (they depend on it).
+        print_service(console, service, info.home)
+        console.print("Ctrl-C or SIGTERM stops it.")
+        console.file.flush()
         while True:
             time.sleep(0.5)
-            dead = stack.dead_services()
+            dead = stack.dead_services() + service.dead_parts()
             if dead:
                 logs = stack.log_paths()
-                where = ", ".join(f"{name} (log {logs[name]})" for name in dead)
+                where = ", ".join(
+                    f"{name} (log {logs[name]})" if name in logs else name for name in dead
+                )
                 console.print(f"[red]error:[/] {where} stopped unexpectedly; stopping the stack")
                 code = 1
                 break
     except KeyboardInterrupt:
         console.print("stopping the embedded stack ...")
-    except StackError as exc:
+    except (StackError, RuntimeError, OSError) as exc:  # RuntimeError: the API's port taken
         console.print(f"[red]error:[/] {exc}")
         code = 1
     finally:
         for sig in previous:  # a second Ctrl-C must not cut the stop short
             signal.signal(sig, signal.SIG_IGN)
+        if service is not None:
+            service.stop()
         try:
             stack.stop()
         except (StackError, ServiceError) as exc:
@@ -372,5 +385,3 @@ def _print_endpoints(console: Any, info: StackInfo) -> None:
     console.print(f"  credentials  {info.home / CREDENTIALS_FILE}")
     console.print(f"  logs         {info.home / 'logs'}")
     console.print(f"  pids         redis {info.pids['redis']}, seaweed {info.pids['seaweed']}")
-    console.print("Ctrl-C or SIGTERM stops it.")
-    console.file.flush()

@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.fixtures.models",
     "tests.fixtures.data",
     "tests.fixtures.coordinator",
+    "tests.fixtures.ray",
 ]

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.e2e
 
 
-def _cotune(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
+def _cotune(*args: str, home: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("COTUNE_")}
     return subprocess.run(
         [sys.executable, "-m", "orchestrator", *args, "--home", str(home)],
@@ -24,20 +24,37 @@ def _cotune(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
     )
 
 
-def test_run_the_tiny_example_shards_into_the_store_and_stops(tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_run_the_tiny_example_end_to_end_and_stop(tmp_path: Path) -> None:
+    """The README's main command: the sweep trains, and --out holds the best adapter."""
     home, out = tmp_path / "home", tmp_path / "out"
-    done = _cotune("run", "examples/tiny/sweep.yaml", "--out", str(out), home=home)
+    done = _cotune("run", "examples/tiny/sweep.yaml", "--out", str(out), home=home, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
+    assert {p.name for p in out.iterdir()} == {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "README.md",
+        "results.json",
+    }
+    results = json.loads((out / "results.json").read_text())
+    assert results["job_id"].startswith("tiny-sweep-")
+    assert len(results["trials"]) == 4 and results["shards"] == 2 and results["rounds"] == 2
+    assert results["dataset"]["train_rows"] + results["dataset"]["eval_rows"] == 2000
+    assert results["best_eval_loss"] < results["base_eval_loss"]
+    # Live progress was shown: one line per evaluated round, trial start and end.
+    assert "trial 0 started" in done.stdout and "round 0: eval loss" in done.stdout
 
-    summary = json.loads((out / "job.json").read_text())
-    manifest = summary["manifest"]
-    assert summary["job_id"].startswith("tiny-sweep-")
-    assert len(manifest["shards"]) == 2
-    assert sum(s["rows"] for s in manifest["shards"]) + manifest["eval"]["rows"] == 2000
+    from peft import PeftModel  # the folder is a PEFT adapter of the base it names
+    from transformers import AutoModelForCausalLM
+
+    config = json.loads((out / "adapter_config.json").read_text())
+    base = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"])
+    model = PeftModel.from_pretrained(base, str(out))
+    assert any("lora_A" in name for name, _ in model.named_parameters())
 
     stack_file = home / "stack.json"
     pids = json.loads(stack_file.read_text())["pids"] if stack_file.exists() else {}

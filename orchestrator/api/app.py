@@ -1,0 +1,94 @@
+"""The FastAPI app: routes, error answers, health probes, and the lease reclaimer.
+
+`create_app(coordinator)` builds it; while it runs (its lifespan), a background task ends
+overdue leases every `coordinator.reclaim_interval_s` seconds so their tasks go back to the
+queue even when no worker calls in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from importlib.metadata import PackageNotFoundError, version
+
+from fastapi import FastAPI
+from fastapi.responses import PlainTextResponse
+
+from orchestrator.api import errors, routes_jobs, routes_tokens, routes_workers
+from orchestrator.api.auth import CoordinatorDep
+from orchestrator.api.coordinator import Coordinator
+
+log = logging.getLogger(__name__)
+
+
+def _version() -> str:
+    try:
+        return version("cotune")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+async def _reclaim_forever(coordinator: Coordinator) -> None:
+    while True:
+        try:
+            expired = await asyncio.to_thread(coordinator.leases.reclaim_expired)
+            if expired:
+                log.info("%d lease(s) expired; their tasks were queued again", expired)
+        except Exception:  # Redis away for a moment: try again next tick
+            log.warning("reclaiming expired leases failed", exc_info=True)
+        await asyncio.sleep(coordinator.reclaim_interval_s)
+
+
+def create_app(coordinator: Coordinator) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        reclaimer = asyncio.create_task(_reclaim_forever(coordinator))
+        try:
+            yield
+        finally:
+            reclaimer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reclaimer
+
+    app = FastAPI(
+        title="cotune coordinator",
+        version=_version(),
+        description="Distributed community fine-tuning: jobs, workers, tokens (docs/api.md).",
+        lifespan=lifespan,
+    )
+    app.state.coordinator = coordinator
+    errors.install(app)
+    app.include_router(routes_jobs.router)
+    app.include_router(routes_workers.router)
+    app.include_router(routes_tokens.router)
+
+    @app.get("/healthz", tags=["health"])
+    def healthz() -> dict[str, bool]:
+        """The process is up."""
+        return {"ok": True}
+
+    @app.get("/readyz", tags=["health"])
+    def readyz(c: CoordinatorDep) -> PlainTextResponse:
+        """Redis and the object store answer (503 naming the one that does not)."""
+        down = []
+        try:
+            c.state.redis.ping()
+        except Exception as exc:
+            down.append(f"redis: {type(exc).__name__}: {exc}")
+        try:
+            c.store.head("readyz")  # any answer, found or not, means S3 is there
+        except Exception as exc:
+            down.append(f"s3: {exc}")
+        if down:
+            return PlainTextResponse("not ready\n" + "\n".join(down) + "\n", status_code=503)
+        return PlainTextResponse("ready\n")
+
+    @app.get("/metrics", tags=["health"])
+    def metrics() -> PlainTextResponse:
+        """Prometheus text exposition (a placeholder until the metrics module lands)."""
+        text = "# HELP cotune_up The coordinator API is up.\n# TYPE cotune_up gauge\ncotune_up 1\n"
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    return app

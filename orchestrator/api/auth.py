@@ -1,0 +1,49 @@
+"""Who may call what: the admin token for jobs, tokens and the worker list; a worker's own
+token for its endpoints (orchestrator/workers.py checks it). Both are bearer tokens."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Path, Request
+
+from orchestrator.api.coordinator import Coordinator
+from orchestrator.problems import Unauthorized
+from orchestrator.tokens import token_matches
+from orchestrator.workers import WorkerRecord
+
+ID_PATTERN = r"^[A-Za-z0-9_.\-]{1,128}$"
+
+
+def coordinator(request: Request) -> Coordinator:
+    found: Coordinator = request.app.state.coordinator
+    return found
+
+
+def bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        return None
+    return value.strip()
+
+
+def require_admin(request: Request) -> None:
+    token = bearer(request)
+    if token is None:
+        raise Unauthorized("missing admin token: send Authorization: Bearer <admin token>")
+    if not token_matches(token, coordinator(request).admin_token_sha256):
+        raise Unauthorized("wrong admin token")
+
+
+def authenticated_worker(
+    request: Request, worker_id: Annotated[str, Path(pattern=ID_PATTERN)]
+) -> WorkerRecord:
+    return coordinator(request).workers.authenticate(worker_id, bearer(request))
+
+
+Admin = Depends(require_admin)
+CoordinatorDep = Annotated[Coordinator, Depends(coordinator)]
+WorkerDep = Annotated[WorkerRecord, Depends(authenticated_worker)]
+LeaseId = Annotated[str, Path(pattern=ID_PATTERN)]
+JobId = Annotated[str, Path(pattern=ID_PATTERN)]

@@ -1,0 +1,164 @@
+"""The job and admin HTTP API's bodies, version 1: shared by the coordinator's routes and
+`CotuneClient` (orchestrator/client.py). Light: pydantic only.
+
+    POST /v1/jobs                      spec (YAML or JSON)  -> SubmitResponse   (admin)
+    GET  /v1/jobs                                           -> JobList          (admin)
+    GET  /v1/jobs/{job_id}                                  -> JobDetail        (admin)
+    POST /v1/jobs/{job_id}/cancel                           -> JobDetail        (admin)
+    GET  /v1/jobs/{job_id}/trials                           -> TrialList        (admin)
+    GET  /v1/jobs/{job_id}/events      text/event-stream of EventBody           (admin)
+    GET  /v1/jobs/{job_id}/download                         -> DownloadList     (admin)
+    POST /v1/tokens/join               JoinTokenRequest     -> JoinTokenResponse (admin)
+    GET  /v1/workers                                        -> WorkerList       (admin)
+    GET  /v1/leaderboard                                    -> Leaderboard      (public)
+
+Errors are `wire.ErrorBody`, as on the worker endpoints.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, StringConstraints
+
+from orchestrator.protocol.wire import GpuInfo, NonNegInt, WireModel
+
+JobStateName = Literal[
+    "pending", "sharding", "running", "merging", "succeeded", "failed", "cancelled"
+]
+TaskStateName = Literal["queued", "leased", "accepted", "failed", "cancelled"]
+
+
+class SubmitResponse(WireModel):
+    job_id: str
+
+
+class TaskCounts(WireModel):
+    queued: NonNegInt = 0
+    leased: NonNegInt = 0
+    accepted: NonNegInt = 0
+    failed: NonNegInt = 0
+    cancelled: NonNegInt = 0
+
+    @property
+    def total(self) -> int:
+        return self.queued + self.leased + self.accepted + self.failed + self.cancelled
+
+
+class JobSummary(WireModel):
+    job_id: str
+    name: str
+    state: JobStateName
+    created_at: float
+    updated_at: float
+    error: str | None = None
+    best_trial: int | None = None
+    tasks: TaskCounts
+    trials: NonNegInt = Field(0, description="Trials started so far.")
+
+
+class JobDetail(JobSummary):
+    spec_yaml: str
+    manifest: dict[str, Any] | None = Field(None, description="The dataset's shard manifest.")
+
+
+class JobList(WireModel):
+    jobs: list[JobSummary]
+
+
+class TaskView(WireModel):
+    task_id: str
+    round: NonNegInt
+    shard: NonNegInt
+    state: TaskStateName
+    attempt: NonNegInt
+    worker_id: str | None = None
+    step: NonNegInt = 0
+    max_steps: NonNegInt = 0
+    loss: float | None = None
+    error: str | None = None
+
+
+class TrialView(WireModel):
+    number: NonNegInt
+    params: dict[str, Any]
+    state: Literal["running", "pruned", "complete", "failed"]
+    rounds_done: NonNegInt
+    eval_losses: list[float]
+    error: str | None = None
+    tasks: list[TaskView] = Field(
+        default_factory=list, description="The tasks of the trial's current (or last) round."
+    )
+
+
+class TrialList(WireModel):
+    job_id: str
+    trials: list[TrialView]
+
+
+class EventBody(WireModel):
+    """One job event; on the SSE stream its id is the `id:` line, its kind the `event:`."""
+
+    id: str
+    kind: str
+    time: float
+    data: dict[str, Any]
+
+
+class DownloadFile(WireModel):
+    name: str
+    url: str
+    sha256: str
+    bytes: NonNegInt
+
+
+class DownloadList(WireModel):
+    job_id: str
+    files: list[DownloadFile]
+
+
+class JoinTokenRequest(WireModel):
+    name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9 _.@+-]{0,63}$")] = (
+        Field("volunteer", description="Contributor the workers' credit goes to.")
+    )
+    kind: Literal["volunteer", "cluster"] = "volunteer"
+    ttl_s: Annotated[float, Field(gt=0, le=366 * 24 * 3600)] | None = Field(
+        None, description="Seconds until the token stops enrolling workers; none: never."
+    )
+
+
+class JoinTokenResponse(WireModel):
+    token: str
+    name: str
+    kind: Literal["volunteer", "cluster"]
+    expires_at: float | None = None
+
+
+class WorkerView(WireModel):
+    worker_id: str
+    name: str
+    kind: Literal["volunteer", "cluster"]
+    enrolled_at: float
+    last_seen: float
+    gpus: list[GpuInfo]
+    memory_bytes: NonNegInt
+    tokens: float
+    tasks_accepted: NonNegInt
+    tasks_failed: NonNegInt
+    tasks_rejected: NonNegInt
+    tasks_expired: NonNegInt
+    leases: list[str]
+
+
+class WorkerList(WireModel):
+    workers: list[WorkerView]
+
+
+class LeaderboardEntry(WireModel):
+    name: str
+    tokens: float
+    tasks: NonNegInt
+
+
+class Leaderboard(WireModel):
+    entries: list[LeaderboardEntry]

@@ -1,0 +1,151 @@
+"""Helpers for the coordinator's integration tests (state, queue, leases, API): a clock the
+test moves, jobs and tasks with real inputs in the store, uploads through presigned POSTs,
+and a snapshot of every Redis key (type, value, expiry) to prove a refused request changed
+nothing."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from orchestrator.protocol.task import TrainTask
+from orchestrator.protocol.wire import (
+    ADAPTER_FILES,
+    ArtifactRef,
+    Capabilities,
+    CheckpointRef,
+    CompleteRequest,
+    Hardware,
+    PresignedPost,
+    TaskLease,
+)
+from orchestrator.records import StoredObject, TaskInputs, TaskRecord
+from orchestrator.state import State
+
+PREFIX = "cotune:"
+HARDWARE = Hardware(cpu_count=2, memory_bytes=8 << 30, cotune_version="test")
+CPU = Capabilities(memory_bytes=4 * 10**9, bf16=False)
+
+
+@dataclass
+class Clock:
+    """A clock the test moves by hand (unix seconds)."""
+
+    now: float = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def snapshot(redis: Any, prefix: str = PREFIX) -> dict[bytes, tuple[str, Any, bool]]:
+    """Every key under `prefix`: its type, its whole value, whether it expires.
+
+    Values, not DUMP bytes: DUMP serialises a large hash in its hash table's iteration
+    order, which Redis's incremental rehashing changes on mere reads (an HGET can move it),
+    so equal contents could compare unequal.
+    """
+    values: dict[bytes, tuple[str, Any, bool]] = {}
+    for key in sorted(redis.scan_iter(match=prefix + "*")):
+        kind = redis.type(key).decode()
+        value: Any
+        if kind == "string":
+            value = redis.get(key)
+        elif kind == "hash":
+            value = sorted(redis.hgetall(key).items())
+        elif kind == "list":
+            value = redis.lrange(key, 0, -1)
+        elif kind == "set":
+            value = sorted(redis.smembers(key))
+        elif kind == "zset":
+            value = redis.zrange(key, 0, -1, withscores=True)
+        elif kind == "stream":
+            value = [(i, sorted(f.items())) for i, f in redis.xrange(key)]
+        else:
+            raise AssertionError(f"{key!r}: unexpected type {kind}")
+        values[key] = (kind, value, redis.pttl(key) > 0)
+    return values
+
+
+def train_task(**overrides: Any) -> TrainTask:
+    fields: dict[str, Any] = {
+        "base_model": "cotune://tiny-llama",
+        "max_steps": 4,
+        "micro_batch_size": 2,
+        "sequence_len": 64,
+        "quantization": {"type": "none"},
+    }
+    fields.update(overrides)
+    return TrainTask.model_validate(fields)
+
+
+def stored_input(store: Any, key: str, data: bytes, name: str | None = None) -> StoredObject:
+    info = store.put_bytes(key, data)
+    return StoredObject(key=key, sha256=info.sha256, bytes=info.size, name=name)
+
+
+def new_job(state: State, job_id: str, trials: int = 1, state_name: str = "running") -> None:
+    state.create_job(job_id, job_id.rsplit("-", 1)[0], "name: x\n")
+    if state_name != "pending":
+        assert state.transition_job(job_id, state_name, expect=["pending"])  # type: ignore[arg-type]
+    for n in range(trials):
+        state.put_trial(job_id, n, {"training.learning_rate": 1e-3 * (n + 1)})
+
+
+def new_task(
+    state: State,
+    store: Any,
+    job_id: str,
+    trial: int = 0,
+    round: int = 0,
+    shard: int = 0,
+    *,
+    tier: str = "cpu",
+    max_attempts: int = 3,
+    task: TrainTask | None = None,
+) -> TaskRecord:
+    data = f'{{"instruction": "shard {shard}", "output": "ok"}}\n'.encode()
+    train = stored_input(
+        store, f"jobs/{job_id}/data/shard-{shard:05d}.jsonl", data, f"shard-{shard:05d}.jsonl"
+    )
+    record = TaskRecord.new(
+        job_id=job_id,
+        trial=trial,
+        round=round,
+        shard=shard,
+        tier=tier,
+        task=task or train_task(),
+        inputs=TaskInputs(base_model="cotune://tiny-llama", train=[train]),
+        max_attempts=max_attempts,
+    )
+    assert state.enqueue_task(record)
+    return record
+
+
+def upload(post: PresignedPost, data: bytes) -> ArtifactRef:
+    """Send `data` through a presigned POST, as a worker does."""
+    answer = httpx.post(post.url, data=post.fields, files={"file": ("blob", data)}, timeout=30)
+    assert answer.status_code in (200, 201, 204), answer.text
+    return ArtifactRef(key=post.key, sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+
+
+def upload_checkpoint(
+    lease: TaskLease, step: int, post: PresignedPost | None = None
+) -> CheckpointRef:
+    target = post or lease.outputs.checkpoint
+    ref = upload(target, f"checkpoint of {lease.task_id} at step {step}".encode())
+    return CheckpointRef(step=step, archive=ref)
+
+
+def result_of(lease: TaskLease, tokens: int = 512) -> CompleteRequest:
+    """Upload the adapter files of a finished task and build its completion."""
+    artifacts = {
+        name: upload(lease.outputs.adapter[name], f"{name} of {lease.task_id}".encode())
+        for name in ADAPTER_FILES
+    }
+    return CompleteRequest(artifacts=artifacts, metrics={"tokens": tokens, "steps": 4})
