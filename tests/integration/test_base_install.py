@@ -36,7 +36,7 @@ def test_help_and_validate_work_on_the_base_install(base_venv: Path) -> None:
     cotune = str(base_venv / "bin" / "cotune")
     help_out = subprocess.run([cotune, "--help"], capture_output=True, text=True, cwd=ROOT)
     assert help_out.returncode == 0, help_out.stderr
-    assert "validate" in help_out.stdout
+    assert "validate" in help_out.stdout and "worker" in help_out.stdout
 
     validated = subprocess.run(
         [cotune, "validate", "examples/tiny/sweep.yaml"], capture_output=True, text=True, cwd=ROOT

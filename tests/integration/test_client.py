@@ -245,9 +245,12 @@ def test_the_worker_agent_trains_through_the_real_api(
         assert hashlib.sha256(object_store.get_bytes(ref.key)).hexdigest() == ref.sha256
     assert "/s0/a1/adapter/" in result.artifacts["adapter_model.safetensors"].key
     checkpoint = done.checkpoint()
-    # Checkpoints at steps 3 and 6, each to a fresh key of attempt 1; the latest counts.
-    assert checkpoint is not None and checkpoint.step == 6
-    assert checkpoint.key.endswith("/a1/ckpt/0001/checkpoint.tar")
+    # Checkpoints at steps 3 and 6, each to a fresh key of attempt 1; the latest reported
+    # counts. A finished task abandons its last checkpoint's upload (worker/agent.py), so
+    # whether step 6 arrived before the completion depends on timing: either is correct.
+    assert checkpoint is not None and (checkpoint.step, checkpoint.attempt) in {(3, 1), (6, 1)}
+    index = {3: "0000", 6: "0001"}[checkpoint.step]
+    assert checkpoint.key.endswith(f"/a1/ckpt/{index}/checkpoint.tar")
     board = coordinator.workers.leaderboard()
     assert board == [("carol", result.tokens, 1)] and result.tokens > 0
     kinds = [e.kind for e in state.events.read("tiny-00000001")]
