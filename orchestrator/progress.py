@@ -46,7 +46,7 @@ def describe_event(event: EventBody) -> str:
         extra = f": {d['error']}" if d.get("error") else ""
         return f"job {d.get('from')} -> {d.get('to')}{extra}"
     if kind == "trial_started":
-        return f"trial {d.get('trial')} started: {_params(d.get('params') or {})}"
+        return f"trial {d.get('trial')} started: {format_params(d.get('params') or {})}"
     if kind == "round_evaluated":
         return f"trial {d.get('trial')} round {d.get('round')}: eval loss {d.get('eval_loss'):.4f}"
     if kind == "trial_finished":
@@ -55,7 +55,8 @@ def describe_event(event: EventBody) -> str:
     return f"{kind}: " + ", ".join(f"{k}={v}" for k, v in d.items())
 
 
-def _params(params: dict[str, Any]) -> str:
+def format_params(params: dict[str, Any]) -> str:
+    """Search parameters in one short line: `lora_r=8 learning_rate=0.00859`."""
     parts = []
     for key, value in sorted(params.items()):
         short = key.split(".")[-1]
@@ -99,7 +100,7 @@ class JobWatch:
             )
             table.add_row(
                 str(t.number),
-                escape(_params(t.params)),
+                escape(format_params(t.params)),
                 t.state,
                 f"{t.rounds_done}/{self.rounds}",
                 losses,

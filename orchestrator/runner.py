@@ -124,13 +124,15 @@ def _print_summary(
     files: list[Path],
     seconds: float,
 ) -> None:
+    from orchestrator.progress import format_params
+
     table = Table(title=f"job {job_id}: trials", title_justify="left")
     for column in ("trial", "state", "eval loss per round", "params"):
         table.add_column(column)
     for t in trials:
         mark = " (best)" if t.number == best else ""
         losses = " ".join(f"{x:.4f}" for x in t.eval_losses) or "-"
-        table.add_row(f"{t.number}{mark}", t.state, losses, escape(str(t.params)))
+        table.add_row(f"{t.number}{mark}", t.state, losses, escape(format_params(t.params)))
     console.print(table)
     for path in files:
         console.print(f"  {escape(str(path))}  {path.stat().st_size:,} bytes")
