@@ -114,10 +114,6 @@ class RayPool:
         gpus = float(ray.cluster_resources().get("GPU", 0.0))
         return cls(gpus=gpus, launch=launch)
 
-    @property
-    def agent_count(self) -> int:
-        return len(self._agents)
-
     # --- trusted work ---------------------------------------------------------------------
 
     def _options(self) -> dict[str, Any]:

@@ -60,10 +60,6 @@ log = logging.getLogger(__name__)
 LIVE_STATES = ("pending", "sharding", "running", "merging")
 
 
-class Handle(Protocol):
-    """A piece of work submitted to the pool (a Ray ObjectRef, say)."""
-
-
 class Pool(Protocol):
     """Where trusted work runs (orchestrator/raypool.py) and who follows the queue."""
 

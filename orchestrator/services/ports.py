@@ -51,15 +51,6 @@ def free_port(host: str = LOOPBACK) -> int:
     return free_ports(1, host)[0]
 
 
-def port_open(port: int, host: str = LOOPBACK, timeout_s: float = 0.5) -> bool:
-    """True when something accepts TCP connections on host:port."""
-    try:
-        with socket.create_connection((host, port), timeout=timeout_s):
-            return True
-    except OSError:
-        return False
-
-
 def ports_free(ports: list[int], host: str = LOOPBACK) -> bool:
     """True when every port can be bound on `host` right now (as a server would bind it)."""
     for port in ports:
