@@ -4,39 +4,53 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install install-base lint format typecheck test test-fast bench demo clean
+# Stamp of a finished install: every target that runs code depends on it, so `make test` and
+# `make demo` work on a fresh clone; it is redone when pyproject.toml changes.
+INSTALLED := $(VENV)/.cotune-installed
+
+.PHONY: install lint format typecheck test test-fast bench demo clean
 
 $(PY):
 	$(PY_BOOT) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
 # torch is pinned first: 2.13.0 is the CPU build; anything unpinned pulls a multi-GB CUDA build.
-install: $(PY)
+$(INSTALLED): pyproject.toml | $(PY)
 	$(PY) -m pip install -q "torch==2.13.0"
 	$(PY) -m pip install -q -e ".[all,dev]"
+	touch $@
 
-lint:
+install: $(INSTALLED)
+
+lint: $(INSTALLED)
 	$(PY) -m ruff check orchestrator worker tests bench
 	$(PY) -m ruff format --check orchestrator worker tests bench
 
-format:
+format: $(INSTALLED)
 	$(PY) -m ruff format orchestrator worker tests bench
 	$(PY) -m ruff check --fix orchestrator worker tests bench
 
-typecheck:
-	$(PY) -m mypy orchestrator worker
+# mypy cannot follow the editable install's import hook, so it checks a link tree that spells
+# the installed names (cotune/orchestrator -> orchestrator/, cotune/worker -> worker/).
+TYPECHECK_TREE := build/typecheck
+typecheck: $(INSTALLED)
+	rm -rf $(TYPECHECK_TREE) && mkdir -p $(TYPECHECK_TREE)/cotune
+	ln -s $(CURDIR)/orchestrator $(TYPECHECK_TREE)/cotune/orchestrator
+	ln -s $(CURDIR)/worker $(TYPECHECK_TREE)/cotune/worker
+	cd $(TYPECHECK_TREE) && MYPYPATH=. $(CURDIR)/$(PY) -m mypy --config-file $(CURDIR)/pyproject.toml \
+		--cache-dir $(CURDIR)/.mypy_cache -p cotune.orchestrator -p cotune.worker
 
-test:
+test: $(INSTALLED)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast:
+test-fast: $(INSTALLED)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-bench:
+bench: $(INSTALLED)
 	$(PY) -m bench
 
-demo:
+demo: $(INSTALLED)
 	$(VENV)/bin/cotune run examples/tiny/sweep.yaml --out out/tiny
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache

@@ -11,7 +11,7 @@ both sides. LoRA r=16 on all linear layers, gradient checkpointing, paged 8-bit 
 sequence 1024 with packing (full blocks), micro-batch 4. Each run is a fresh subprocess,
 alternating ours, baseline; tokens/s is the Trainer's non-padding input tokens over its
 train_runtime, peak memory is torch.cuda.max_memory_allocated over the whole run (model
-load included). The memory estimator's prediction (worker/memory.py) is reported beside the
+load included). The memory estimator's prediction (protocol/memory.py) is reported beside the
 measured peak. Writes bench/out/gpu_training.json. Target: tokens/s ratio >= 0.97 and peak
 memory ratio <= 1.03.
 """
@@ -75,9 +75,8 @@ def _settings(micro_batch: int) -> dict[str, Any]:
 def _build_model(folder: Path) -> Path:
     """The 1B-shaped model in bf16 plus the tiny model's tokenizer (ids < 1024 fit)."""
     import torch
+    from cotune.worker.tinymodel import build_tiny_llama
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from worker.tinymodel import build_tiny_llama
 
     tiny = build_tiny_llama(folder / "tiny")
     tokenizer = AutoTokenizer.from_pretrained(str(tiny))
@@ -111,8 +110,8 @@ def _measure(run: Any) -> dict[str, float]:
 
 
 def _ours(model_dir: Path, data: Path, steps: int, micro_batch: int, work: Path) -> dict:
-    from orchestrator.protocol.task import TrainTask
-    from worker.training import run_training
+    from cotune.orchestrator.protocol.task import TrainTask
+    from cotune.worker.training import run_training
 
     fields = {**_settings(micro_batch), "base_model": str(model_dir), "max_steps": steps}
     task = TrainTask.model_validate(fields)
@@ -127,6 +126,7 @@ def _ours(model_dir: Path, data: Path, steps: int, micro_batch: int, work: Path)
 def _baseline(model_dir: Path, data: Path, steps: int, micro_batch: int, work: Path) -> dict:
     """Transformers + PEFT as their docs show them, the same settings written out."""
     import torch
+    from cotune.worker.data import load_examples, pack_examples
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import (
         AutoModelForCausalLM,
@@ -136,8 +136,6 @@ def _baseline(model_dir: Path, data: Path, steps: int, micro_batch: int, work: P
         TrainingArguments,
         default_data_collator,
     )
-
-    from worker.data import load_examples, pack_examples
 
     def run() -> tuple[int, float]:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
@@ -230,7 +228,7 @@ def _spawn(side: str, *args: Any) -> dict:
 
 
 def _estimate(micro_batch: int) -> int:
-    from worker.memory import ModelShape, estimate_memory
+    from cotune.orchestrator.protocol.memory import ModelShape, estimate_memory
 
     estimate = estimate_memory(
         ModelShape.from_config(LLAMA_32_1B),
@@ -266,7 +264,7 @@ def main(argv: list[str]) -> int:
         print("gpu_training: skipped, no CUDA device here (this benchmark measures GPU training)")
         return 0
 
-    from orchestrator.synthetic import generate_rows, write_jsonl
+    from cotune.orchestrator.data.synthetic import generate_rows, write_jsonl
 
     runs: dict[str, list[dict]] = {"ours": [], "baseline": []}
     with tempfile.TemporaryDirectory(prefix="cotune-bench-gpu-") as tmp:

@@ -103,9 +103,8 @@ def _timed(call: Callable[[], Any]) -> tuple[Any, dict[str, float]]:
 def _module_case(spec: dict[str, Any]) -> dict[str, Any]:
     """(b): one 7B-shaped module, K rank-16 pairs; sides interleaved for `rounds` rounds."""
     import torch
-
-    from orchestrator.merge.base import LoraFactors
-    from orchestrator.merge.registry import make_strategy
+    from cotune.orchestrator.merge.base import LoraFactors
+    from cotune.orchestrator.merge.registry import make_strategy
 
     d_out, d_in = SHAPES[spec["shape"]]
     k = spec["k"]
@@ -211,10 +210,9 @@ def _adapters_case(spec: dict[str, Any]) -> dict[str, Any]:
     import shutil
 
     import torch
+    from cotune.orchestrator.merge.merger import merge_adapters
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
-
-    from orchestrator.merge.merger import merge_adapters
 
     dirs = [Path(d) for d in spec["adapters"]]
     work = Path(spec["work"])
@@ -264,8 +262,7 @@ def _adapters_case(spec: dict[str, Any]) -> dict[str, Any]:
 def _full_case(spec: dict[str, Any]) -> dict[str, Any]:
     """(c): the whole 7B-shaped set, cotune svd, files to files, in this fresh process."""
     import psutil
-
-    from orchestrator.merge.merger import merge_adapters
+    from cotune.orchestrator.merge.merger import merge_adapters
 
     imported = psutil.Process().memory_info().rss / 2**20
     with PeakRss() as sampled:
@@ -299,10 +296,9 @@ def _run_child(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
 
 def _tiny_adapters(work: Path, count: int) -> tuple[Path, list[Path]]:
     import torch
+    from cotune.worker.tinymodel import build_tiny_llama
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
-
-    from worker.tinymodel import build_tiny_llama
 
     base = build_tiny_llama(work / "tiny-llama", seed=0)
     targets = [name.split(".")[-1] for name in LLAMA7B]

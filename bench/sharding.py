@@ -11,7 +11,7 @@ round-robin, zstd) and `datasets` (load_dataset("json") with a fresh cache, then
 train_test_split, shard(K, i).to_json per shard and for eval) run interleaved, ours then
 theirs, each in a fresh process. Each side's time covers the work only (after imports); the
 figure is the ratio of the medians. Inputs are synthetic alpaca rows
-(orchestrator/synthetic.py). Results: a table on stdout and bench/out/sharding.json.
+(orchestrator/data/synthetic.py). Results: a table on stdout and bench/out/sharding.json.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ MB = 1_000_000
 
 
 def _child_ours(source: Path, out: Path) -> dict[str, Any]:
-    from orchestrator.sharding import shard_dataset
+    from cotune.orchestrator.data.sharding import shard_dataset
 
     start = time.perf_counter()
     manifest = shard_dataset(
@@ -94,8 +94,7 @@ def _run_child(side: str, source: Path, work: Path) -> dict[str, Any]:
 def _make_inputs(work: Path, sizes_mb: list[int]) -> dict[int, Path]:
     """Synthetic alpaca JSON lines: the largest file is generated, smaller ones are its head."""
     import orjson
-
-    from orchestrator.synthetic import generate_rows
+    from cotune.orchestrator.data.synthetic import generate_rows
 
     biggest = work / f"alpaca-{max(sizes_mb)}mb.jsonl"
     limit = max(sizes_mb) * MB

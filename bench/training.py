@@ -75,8 +75,8 @@ class StepClock:
 
 
 def _ours(model_dir: Path, data: Path, steps: int, work: Path) -> dict[str, Any]:
-    from orchestrator.protocol.task import TrainTask
-    from worker.training import run_training
+    from cotune.orchestrator.protocol.task import TrainTask
+    from cotune.worker.training import run_training
 
     clock = StepClock()
 
@@ -96,6 +96,7 @@ def _ours(model_dir: Path, data: Path, steps: int, work: Path) -> dict[str, Any]
 def _baseline(model_dir: Path, data: Path, steps: int, work: Path) -> dict[str, Any]:
     """Transformers + PEFT as their docs show it, with the settings above written out."""
     import torch
+    from cotune.worker.data import load_examples
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import (
         AutoModelForCausalLM,
@@ -106,8 +107,6 @@ def _baseline(model_dir: Path, data: Path, steps: int, work: Path) -> dict[str, 
         TrainerCallback,
         TrainingArguments,
     )
-
-    from worker.data import load_examples
 
     clock = StepClock()
 
@@ -215,8 +214,8 @@ def main(argv: list[str]) -> int:
     if args.quick:
         args.steps, args.rounds = 15, 2
 
-    from orchestrator.synthetic import generate_rows, write_jsonl
-    from worker.tinymodel import build_tiny_llama
+    from cotune.orchestrator.data.synthetic import generate_rows, write_jsonl
+    from cotune.worker.tinymodel import build_tiny_llama
 
     runs: dict[str, list[dict]] = {"ours": [], "baseline": []}
     with tempfile.TemporaryDirectory(prefix="cotune-bench-training-") as tmp:

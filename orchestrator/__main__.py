@@ -1,6 +1,6 @@
-"""`python -m orchestrator` is the `cotune` command."""
+"""`python -m cotune.orchestrator` is the `cotune` command."""
 
-from orchestrator.cli import main
+from cotune.orchestrator.cli.app import main
 
 if __name__ == "__main__":
     main()

@@ -4,6 +4,5 @@ pytest_plugins = [
     "tests.fixtures.services",
     "tests.fixtures.models",
     "tests.fixtures.data",
-    "tests.fixtures.coordinator",
     "tests.fixtures.ray",
 ]

@@ -36,7 +36,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from orchestrator.protocol.wire import (
+from cotune.orchestrator.protocol.wire import (
     ADAPTER_CONFIG,
     ADAPTER_METRICS,
     ADAPTER_WEIGHTS,
@@ -50,17 +50,17 @@ from orchestrator.protocol.wire import (
     ReleaseRequest,
     TaskLease,
 )
-from orchestrator.protocol.wire import Hardware as WireHardware
-from worker.checkpoint_sync import CheckpointSync
-from worker.client import CoordinatorClient, CoordinatorError, Refused, Stopping
-from worker.data import DataError
-from worker.hardware import Hardware
-from worker.heartbeat import Heartbeat
-from worker.inputs import fetch_inputs
-from worker.transfer import TransferCancelled, TransferDisplay, TransferError, Transfers
+from cotune.orchestrator.protocol.wire import Hardware as WireHardware
+from cotune.worker.checkpoint_sync import CheckpointSync
+from cotune.worker.client import CoordinatorClient, CoordinatorError, Refused, Stopping
+from cotune.worker.data import DataError
+from cotune.worker.hardware import Hardware
+from cotune.worker.heartbeat import Heartbeat
+from cotune.worker.inputs import fetch_inputs
+from cotune.worker.transfer import TransferCancelled, TransferDisplay, TransferError, Transfers
 
 if TYPE_CHECKING:
-    from worker.training import Progress, TrainResult
+    from cotune.worker.training import Progress, TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +253,7 @@ class Agent:
         if self._stop.is_set():
             return self._release(lease, heartbeat, "the worker is stopping", None)
 
-        from worker.training import run_training
+        from cotune.worker.training import run_training
 
         heartbeat.set_phase("training")
         abort = threading.Event()  # abandons checkpoint uploads no longer needed

@@ -21,10 +21,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from worker.tinymodel import MARKER_FILE, TINY_LLAMA_NAME, build_tiny_llama
+from cotune.orchestrator.protocol.builtin_models import BUILTIN_CONFIGS, BUILTIN_SCHEME
+from cotune.worker.home import default_models_dir
+from cotune.worker.tinymodel import MARKER_FILE, TINY_LLAMA_NAME, build_tiny_llama
 
-BUILTIN_SCHEME = "cotune://"
-BUILTIN_MODELS = ("tiny-llama",)
+BUILTIN_MODELS = tuple(BUILTIN_CONFIGS)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -43,17 +44,6 @@ class BaseModelSource:
     def pretrained_kwargs(self) -> dict[str, object]:
         """Keyword arguments for `from_pretrained` (the pinned revision of a hub model)."""
         return {} if self.local or self.revision is None else {"revision": self.revision}
-
-
-def default_models_dir() -> Path:
-    """<home>/models, home being $COTUNE_HOME or ~/.cotune.
-
-    The worker role may not import orchestrator.settings (role separation), so this mirrors
-    `Settings.home` for the one value the worker needs; callers that know better pass
-    `cache_dir`.
-    """
-    home = os.environ.get("COTUNE_HOME") or "~/.cotune"
-    return Path(home).expanduser() / "models"
 
 
 def resolve_base_model(

@@ -18,10 +18,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.protocol.wire import CheckpointRef
-from worker.checkpoint import PICKLE_ONLY_FILES
-from worker.heartbeat import Heartbeat
-from worker.transfer import TransferCancelled, TransferError, Transfers
+from cotune.orchestrator.protocol.wire import CheckpointRef
+from cotune.worker.checkpoint import PICKLE_ONLY_FILES
+from cotune.worker.heartbeat import Heartbeat
+from cotune.worker.transfer import TransferCancelled, TransferError, Transfers
 
 log = logging.getLogger(__name__)
 

@@ -31,8 +31,11 @@ def worker(
     wait: float = typer.Option(
         300.0, "--wait", help="With --once: exit 3 if no work is offered within this many seconds."
     ),
-    work_dir: Path = typer.Option(
-        Path("~/.cotune/worker"), "--work-dir", help="Folder for inputs, checkpoints, caches."
+    work_dir: Path | None = typer.Option(
+        None,
+        "--work-dir",
+        help="Folder for inputs, checkpoints, caches [default: $COTUNE_HOME/worker, "
+        "or ~/.cotune/worker].",
     ),
     agent_process: bool = typer.Option(False, "--agent-process", hidden=True),
 ) -> None:
@@ -45,7 +48,7 @@ def worker(
 
     Example: cotune worker --coordinator https://cotune.example.org --join-token $TOKEN
     """
-    from worker.launcher import WorkerOptions, worker_command
+    from cotune.worker.launcher import WorkerOptions, worker_command
 
     options = WorkerOptions(
         coordinator=coordinator,
@@ -84,7 +87,7 @@ def train_local(
     Example: cotune train-local examples/tiny/sweep.yaml --data examples/tiny/data/train.jsonl
     --out out/local --param training.learning_rate=3e-3 --param lora.lora_r=8
     """
-    from worker.train_local import TrainLocalOptions, train_local_command
+    from cotune.worker.train_local import TrainLocalOptions, train_local_command
 
     options = TrainLocalOptions(
         spec=spec,
@@ -115,7 +118,7 @@ def evaluate(
     Example: cotune evaluate --task task.json --adapter merged/ --eval eval.jsonl.zst
     --out result.json
     """
-    from worker.evaluate import EvaluateOptions, evaluate_command
+    from cotune.worker.evaluate import EvaluateOptions, evaluate_command
 
     options = EvaluateOptions(
         task=task,

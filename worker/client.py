@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import threading
 import time
 from typing import TypeVar
 
 import httpx
-from pydantic import BaseModel, ValidationError
-
-from orchestrator.protocol.wire import (
+from cotune.orchestrator.protocol.wire import (
     COMPLETE_PATH,
     ENROLL_PATH,
     FAIL_PATH,
@@ -37,6 +36,7 @@ from orchestrator.protocol.wire import (
     ReleaseRequest,
     WireModel,
 )
+from pydantic import BaseModel, ValidationError
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,17 @@ class CoordinatorError(Exception):
 
 
 class Unreachable(CoordinatorError):
-    """No usable answer before the deadline: connection refused, timeouts, 5xx."""
+    """No usable answer before the deadline: connection refused, timeouts, 5xx.
+
+    `reason` is the short cause ("connection refused", "HTTP 503 ..."), for the log line of
+    each retry.
+    """
+
+    def __init__(
+        self, message: str, *, reason: str, status: int | None = None, code: str | None = None
+    ) -> None:
+        super().__init__(message, status=status, code=code)
+        self.reason = reason
 
 
 class Refused(CoordinatorError):
@@ -195,7 +205,16 @@ class CoordinatorClient:
                     raise
                 # Jitter keeps a fleet of workers from retrying in lockstep after an outage.
                 pause = min(delay * (0.5 + random.random()), delay_max, remaining)
-                log.debug("%s: %s; retry %d in %.1f s", path, error, attempt, pause)
+                # One line per attempt (the backoff spaces them): a worker that waits on a
+                # coordinator says on what, and until when.
+                log.warning(
+                    "coordinator %s unreachable (%s); retrying %s in %.1f s (attempt %d)",
+                    self.base_url,
+                    error.reason,
+                    path,
+                    pause,
+                    attempt + 1,
+                )
                 if interruptible and self._stop.wait(pause):
                     raise Stopping(f"{path}: abandoned, the worker is stopping") from error
                 if not interruptible:
@@ -213,7 +232,10 @@ class CoordinatorClient:
                 timeout=timeout_s if timeout_s is not None else httpx.USE_CLIENT_DEFAULT,
             )
         except httpx.TransportError as e:
-            raise Unreachable(f"cannot reach the coordinator at {self.base_url}: {e}") from e
+            reason = _transport_reason(e)
+            raise Unreachable(
+                f"cannot reach the coordinator at {self.base_url}: {reason}", reason=reason
+            ) from e
         status = response.status_code
         if status < 300:
             try:
@@ -226,7 +248,8 @@ class CoordinatorClient:
         code, message = _error_of(response)
         text = f"{path}: HTTP {status} {code}: {message}"
         if status in _RETRY_STATUS:
-            raise Unreachable(text, status=status, code=code)
+            reason = f"HTTP {status} {code}: {message}"
+            raise Unreachable(text, reason=reason, status=status, code=code)
         if status in (401, 403):
             raise Refused(text, status=status, code=code)
         if status in (404, 409, 410):
@@ -235,6 +258,15 @@ class CoordinatorClient:
 
 
 _JSON = {"Content-Type": "application/json", "Accept": "application/json"}
+
+
+def _transport_reason(error: httpx.TransportError) -> str:
+    """A transport error's short cause ("[Errno 111] Connection refused": "connection
+    refused"); its class name when it says nothing."""
+    text = re.sub(r"^\[Errno -?\d+\]\s*", "", str(error)).strip()
+    if not text:
+        return type(error).__name__
+    return text[0].lower() + text[1:] if text[1:2].islower() else text
 
 
 def _error_of(response: httpx.Response) -> tuple[str, str]:

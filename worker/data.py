@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.protocol.formats import row_checker
+from cotune.orchestrator.protocol.formats import row_checker
 
 IGNORE_INDEX = -100
 

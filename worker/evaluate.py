@@ -21,9 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from cotune.orchestrator.protocol.task import TrainTask
 from pydantic import ValidationError
-
-from orchestrator.protocol.task import TrainTask
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -71,8 +70,8 @@ def check_options(options: EvaluateOptions) -> TrainTask:
 
 def evaluate(options: EvaluateOptions, task: TrainTask) -> dict[str, object]:
     """Load the base (and adapter), compute the eval loss; the result mapping."""
-    from worker.data import load_examples
-    from worker.training import TrainingError, load_base, mean_loss
+    from cotune.worker.data import load_examples
+    from cotune.worker.training import TrainingError, load_base, mean_loss
 
     started = time.perf_counter()
     model, tokenizer = load_base(task, models_dir=options.models_dir)

@@ -21,7 +21,7 @@ import time
 from collections.abc import Collection
 from typing import Protocol
 
-from orchestrator.protocol.wire import (
+from cotune.orchestrator.protocol.wire import (
     MAX_STEP_LOSSES,
     CheckpointRef,
     HeartbeatRequest,
@@ -31,7 +31,7 @@ from orchestrator.protocol.wire import (
     TaskLease,
     TaskOutputs,
 )
-from worker.client import CoordinatorClient, CoordinatorError, LeaseGone, Refused, Rejected
+from cotune.worker.client import CoordinatorClient, CoordinatorError, LeaseGone, Refused, Rejected
 
 log = logging.getLogger(__name__)
 

@@ -16,12 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import httpx
-
-from orchestrator.protocol.task import TrainTask
-from orchestrator.protocol.wire import PresignedGet, TaskLease
-from worker.checkpoint import check_checkpoint
-from worker.checkpoint_sync import unpack_archive
-from worker.transfer import Transfers
+from cotune.orchestrator.protocol.task import TrainTask
+from cotune.orchestrator.protocol.wire import PresignedGet, TaskLease
+from cotune.worker.checkpoint import check_checkpoint
+from cotune.worker.checkpoint_sync import unpack_archive
+from cotune.worker.transfer import Transfers
 
 _COMPLETE_MARKER = ".complete"
 

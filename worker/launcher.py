@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-from worker.agent import EXIT_OK, EXIT_USAGE, Agent, AgentConfig
-from worker.client import check_coordinator_url
+from cotune.worker.agent import EXIT_OK, EXIT_USAGE, Agent, AgentConfig
+from cotune.worker.client import check_coordinator_url
+from cotune.worker.home import default_work_dir
 
 log = logging.getLogger("cotune.worker")
 
@@ -43,13 +44,13 @@ class WorkerOptions:
     cpu: bool = False
     once: bool = False
     wait_s: float = 300.0
-    work_dir: Path = Path("~/.cotune/worker")
+    work_dir: Path | None = None  # [default: <COTUNE_HOME or ~/.cotune>/worker]
     agent_process: bool = False  # a child of a multi-GPU parent: plain logs, work_dir as given
 
 
 def worker_command(options: WorkerOptions) -> int:
     """Run `cotune worker`; returns the exit code (see worker.agent EXIT_*)."""
-    work_dir = options.work_dir.expanduser()
+    work_dir = (options.work_dir or default_work_dir()).expanduser()
     try:
         gpus = _check(options)
         masks = [_physical(gpu) for gpu in gpus or []]
@@ -115,14 +116,13 @@ def _cuda_device_count() -> int:
 
 
 def _run_agent(options: WorkerOptions, work_dir: Path) -> int:
+    from cotune.worker.hardware import detect_hardware
+    from cotune.worker.transfer import LogLines, RichBars, TransferDisplay
     from rich.console import Console
-
-    from worker.hardware import detect_hardware
-    from worker.transfer import LogLines, RichBars, TransferDisplay
 
     console = Console(stderr=True)
     tty = console.is_terminal and not options.agent_process
-    _configure_logging(console if tty else None, options)
+    _configure_logging(console if tty else None, _log_prefix(options, work_dir))
     hardware = detect_hardware()
     if options.gpus is not None and not options.cpu and not hardware.devices:
         which = (
@@ -172,13 +172,13 @@ def _install_signals(agent: Agent) -> None:
 
 def _supervise(options: WorkerOptions, gpus: dict[int, str], work_dir: Path) -> int:
     """One child agent per GPU (`gpus`: index -> CUDA_VISIBLE_DEVICES entry); waits for all."""
-    _configure_logging(None, options)
+    _configure_logging(None, _log_prefix(options, work_dir))
     children: dict[int, subprocess.Popen[bytes]] = {}
     for gpu, mask in gpus.items():
         argv = [
             sys.executable,
             "-c",
-            "from orchestrator.cli import main; main()",
+            "from cotune.orchestrator.cli.app import main; main()",
             "worker",
             "--coordinator",
             options.coordinator,
@@ -214,7 +214,12 @@ def _supervise(options: WorkerOptions, gpus: dict[int, str], work_dir: Path) -> 
     return max(failed.values(), default=EXIT_OK)
 
 
-def _configure_logging(console: object | None, options: WorkerOptions) -> None:
+def _log_prefix(options: WorkerOptions, work_dir: Path) -> str:
+    """A multi-GPU parent's children tag their lines with their folder (gpu0, gpu1, ...)."""
+    return f"[{work_dir.name}] " if options.agent_process else ""
+
+
+def _configure_logging(console: object | None, prefix: str) -> None:
     root = logging.getLogger()
     if root.handlers:
         return  # embedded in a program (or a test) that set up logging itself
@@ -227,7 +232,6 @@ def _configure_logging(console: object | None, options: WorkerOptions) -> None:
         handler.setFormatter(logging.Formatter("%(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)
-        prefix = f"[{options.work_dir.name}] " if options.agent_process else ""
         handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {prefix}%(message)s"))
     root.addHandler(handler)
     root.setLevel(logging.INFO)

@@ -1,13 +1,14 @@
 """The built-in tiny model (`cotune://tiny-llama`): a seeded random Llama and a local tokenizer.
 
 No hub is reachable in tests, CI or the CPU example, so this module builds a stand-in for a
-hub model: a 2-layer `LlamaForCausalLM` with seeded random weights and a byte-level BPE
+hub model: a 2-layer `LlamaForCausalLM` (its architecture is `TINY_LLAMA_CONFIG` in
+orchestrator/protocol/builtin_models.py) with seeded random weights and a byte-level BPE
 tokenizer trained by `tokenizers` on a built-in corpus. The result is an ordinary Hugging
 Face folder that `AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained`
 load offline, and that PEFT adapters can name as their base. Same seed => same bytes.
 
-Example: python -c "from pathlib import Path; from worker.tinymodel import build_tiny_llama;
-build_tiny_llama(Path('/tmp/tiny'))"
+Example: python -c "from pathlib import Path; from cotune.worker.tinymodel import
+build_tiny_llama; build_tiny_llama(Path('/tmp/tiny'))"
 """
 
 from __future__ import annotations
@@ -17,21 +18,18 @@ import random
 import string
 from pathlib import Path
 
+from cotune.orchestrator.protocol.builtin_models import TINY_LLAMA_CONFIG
+
 # Bump when anything below changes the built folder: cache folders are keyed by it.
 TINY_LLAMA_VERSION = 2
 TINY_LLAMA_NAME = f"tiny-llama-{TINY_LLAMA_VERSION}"
 MARKER_FILE = "cotune-tiny-model.json"
 
-# Shapes: every Linear's in_features (64 and 256) is a multiple of bitsandbytes' 4-bit
-# block size (64), so the model quantizes to NF4/FP4 on CPU as well as CUDA.
-HIDDEN_SIZE = 64
-INTERMEDIATE_SIZE = 256
-NUM_LAYERS = 2
-NUM_HEADS = 4
-NUM_KV_HEADS = 4
-VOCAB_SIZE = 1024
-MAX_POSITIONS = 2048
-LM_HEAD_STD = 2.0 / HIDDEN_SIZE**0.5
+# The architecture is protocol (the coordinator places tasks by it); the tokenizer is trained
+# to exactly its vocabulary size.
+VOCAB_SIZE: int = TINY_LLAMA_CONFIG["vocab_size"]
+MAX_POSITIONS: int = TINY_LLAMA_CONFIG["max_position_embeddings"]
+LM_HEAD_STD = 2.0 / TINY_LLAMA_CONFIG["hidden_size"] ** 0.5
 
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
@@ -65,7 +63,7 @@ _WORD_TEXT = (
 _WORDS = _WORD_TEXT.split()
 
 # The alpaca prompt templates (worker/data.py) and the synthetic tasks' phrasing
-# (orchestrator/synthetic.py): frequent in the corpus, so they compress to few tokens and the
+# (orchestrator/data/synthetic.py): frequent in the corpus, so they compress to few tokens and the
 # tiny example's short sequences keep room for the answers.
 _TEMPLATE_LINES = (
     "Below is an instruction that describes a task, paired with an input that provides "
@@ -144,18 +142,13 @@ def build_tiny_llama(out_dir: Path, seed: int = 0) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     tokenizer = _train_tokenizer(seed)
+    if len(tokenizer) != VOCAB_SIZE:
+        raise RuntimeError(f"tiny tokenizer has {len(tokenizer)} tokens, expected {VOCAB_SIZE}")
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=HIDDEN_SIZE,
-        intermediate_size=INTERMEDIATE_SIZE,
-        num_hidden_layers=NUM_LAYERS,
-        num_attention_heads=NUM_HEADS,
-        num_key_value_heads=NUM_KV_HEADS,
-        max_position_embeddings=MAX_POSITIONS,
+        **TINY_LLAMA_CONFIG,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
         dtype="float32",
     )
     # The global RNG is the one transformers' weight init draws from; fork it so building

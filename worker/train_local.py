@@ -21,12 +21,11 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from cotune.orchestrator.protocol.spec import SpecError, parse_spec
+from cotune.orchestrator.protocol.spec.files import read_spec_file, resolve_paths
+from cotune.orchestrator.protocol.task import TrainTask
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-from orchestrator.protocol.spec import SpecError, parse_spec
-from orchestrator.protocol.spec_yaml import read_spec_file, resolve_paths
-from orchestrator.protocol.task import TrainTask
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -160,10 +159,10 @@ def train_local_command(options: TrainLocalOptions) -> int:
         err.print(f"[red]error[/red]: {e}", highlight=False)
         return EXIT_USAGE
 
-    from worker.basemodel import BaseModelError
-    from worker.checkpoint import CheckpointError
-    from worker.data import DataError
-    from worker.training import TrainingError, run_training
+    from cotune.worker.basemodel import BaseModelError
+    from cotune.worker.checkpoint import CheckpointError
+    from cotune.worker.data import DataError
+    from cotune.worker.training import TrainingError, run_training
 
     _quiet_libraries()
     created = not options.out.exists()

@@ -30,10 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from orchestrator.protocol.task import TrainTask
-from worker.basemodel import load_error, resolve_base_model
-from worker.checkpoint import check_checkpoint, tidy
-from worker.data import Collator, Example, load_examples, pack_examples
+from cotune.orchestrator.protocol.task import TrainTask
+from cotune.worker.basemodel import load_error, resolve_base_model
+from cotune.worker.checkpoint import check_checkpoint, tidy
+from cotune.worker.data import Collator, Example, load_examples, pack_examples
 
 if TYPE_CHECKING:
     import torch

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import IO, Protocol
 
 import httpx
+from cotune.orchestrator.protocol.wire import ArtifactRef, PresignedGet, PresignedPost
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -39,8 +40,6 @@ from tenacity import (
     stop_after_attempt,
     wait_exponential_jitter,
 )
-
-from orchestrator.protocol.wire import ArtifactRef, PresignedGet, PresignedPost
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
     python examples/tiny/make_data.py
 
-The rows are letter tasks with a learnable pattern (orchestrator/synthetic.py), so the tiny
+The rows are letter tasks with a learnable pattern (orchestrator/data/synthetic.py), so the tiny
 random-init model's loss falls visibly within tens of steps.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout, uninstalled
 
-from orchestrator.synthetic import generate_rows, write_jsonl
+from cotune.orchestrator.data.synthetic import generate_rows, write_jsonl
 
 ROWS = 2000
 SEED = 0

@@ -1,15 +1,12 @@
 """The coordinator's HTTP API (FastAPI, `/v1`): jobs, workers, tokens, leaderboard, health.
 
-    coordinator = Coordinator.from_settings(settings)
-    server = serve_api(coordinator, "127.0.0.1", 8470)   # uvicorn on a thread; writes api.json
-    ...
-    server.stop()
+    context = ApiContext.from_settings(settings)
+    app = create_app(context)                 # runtime/apiserver.py serves it with uvicorn
 
 The OpenAPI document is at /openapi.json (docs at /docs); docs/api.md describes every route.
 """
 
-from orchestrator.api.app import create_app
-from orchestrator.api.coordinator import Coordinator
-from orchestrator.api.server import ApiServer, serve_api
+from cotune.orchestrator.api.app import create_app
+from cotune.orchestrator.api.context import ApiContext
 
-__all__ = ["ApiServer", "Coordinator", "create_app", "serve_api"]
+__all__ = ["ApiContext", "create_app"]

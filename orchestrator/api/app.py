@@ -13,12 +13,11 @@ import logging
 from collections.abc import AsyncIterator
 from importlib.metadata import PackageNotFoundError, version
 
+from cotune.orchestrator.api import errors, routes_jobs, routes_tokens, routes_workers
+from cotune.orchestrator.api.auth import CoordinatorDep
+from cotune.orchestrator.api.context import ApiContext
 from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse
-
-from orchestrator.api import errors, routes_jobs, routes_tokens, routes_workers
-from orchestrator.api.auth import CoordinatorDep
-from orchestrator.api.coordinator import Coordinator
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +29,7 @@ def _version() -> str:
         return "0+unknown"
 
 
-async def _reclaim_forever(coordinator: Coordinator) -> None:
+async def _reclaim_forever(coordinator: ApiContext) -> None:
     while True:
         try:
             expired = await asyncio.to_thread(coordinator.leases.reclaim_expired)
@@ -41,7 +40,7 @@ async def _reclaim_forever(coordinator: Coordinator) -> None:
         await asyncio.sleep(coordinator.reclaim_interval_s)
 
 
-def create_app(coordinator: Coordinator) -> FastAPI:
+def create_app(coordinator: ApiContext) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         reclaimer = asyncio.create_task(_reclaim_forever(coordinator))
@@ -74,7 +73,7 @@ def create_app(coordinator: Coordinator) -> FastAPI:
         """Redis and the object store answer (503 naming the one that does not)."""
         down = []
         try:
-            c.state.redis.ping()
+            c.state.ping()
         except Exception as exc:
             down.append(f"redis: {type(exc).__name__}: {exc}")
         try:

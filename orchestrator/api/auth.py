@@ -1,22 +1,21 @@
 """Who may call what: the admin token for jobs, tokens and the worker list; a worker's own
-token for its endpoints (orchestrator/workers.py checks it). Both are bearer tokens."""
+token for its endpoints (orchestrator/control/workers.py checks it). Both are bearer tokens."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
+from cotune.orchestrator.api.context import ApiContext
+from cotune.orchestrator.control.tokens import token_matches
+from cotune.orchestrator.control.workers import WorkerRecord
+from cotune.orchestrator.protocol.problems import Unauthorized
 from fastapi import Depends, Path, Request
-
-from orchestrator.api.coordinator import Coordinator
-from orchestrator.problems import Unauthorized
-from orchestrator.tokens import token_matches
-from orchestrator.workers import WorkerRecord
 
 ID_PATTERN = r"^[A-Za-z0-9_.\-]{1,128}$"
 
 
-def coordinator(request: Request) -> Coordinator:
-    found: Coordinator = request.app.state.coordinator
+def coordinator(request: Request) -> ApiContext:
+    found: ApiContext = request.app.state.coordinator
     return found
 
 
@@ -43,7 +42,7 @@ def authenticated_worker(
 
 
 Admin = Depends(require_admin)
-CoordinatorDep = Annotated[Coordinator, Depends(coordinator)]
+CoordinatorDep = Annotated[ApiContext, Depends(coordinator)]
 WorkerDep = Annotated[WorkerRecord, Depends(authenticated_worker)]
 LeaseId = Annotated[str, Path(pattern=ID_PATTERN)]
 JobId = Annotated[str, Path(pattern=ID_PATTERN)]

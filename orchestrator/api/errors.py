@@ -5,13 +5,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from cotune.orchestrator.protocol.problems import Problem
+from cotune.orchestrator.protocol.wire import ErrorBody, ErrorCode, ErrorDetail, ErrorIssue
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
-
-from orchestrator.problems import Problem
-from orchestrator.protocol.wire import ErrorBody, ErrorCode, ErrorDetail, ErrorIssue
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +76,10 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        from redis.exceptions import ConnectionError as RedisDown
-        from redis.exceptions import TimeoutError as RedisSlow
+        from cotune.orchestrator.control.state import is_unavailable
+        from cotune.orchestrator.data.s3errors import ObjectStoreError
 
-        from orchestrator.objectstore import ObjectStoreError
-
-        if isinstance(exc, RedisDown | RedisSlow):
+        if is_unavailable(exc):
             return error_response("unavailable", f"Redis does not answer: {exc}")
         if isinstance(exc, ObjectStoreError):
             return error_response("unavailable", f"the object store failed: {exc}")

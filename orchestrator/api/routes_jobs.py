@@ -9,15 +9,13 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, Query, Request
-from fastapi.concurrency import run_in_threadpool
-from fastapi.sse import EventSourceResponse, ServerSentEvent
-
-from orchestrator.api.auth import Admin, CoordinatorDep, JobId
-from orchestrator.api.coordinator import Coordinator
-from orchestrator.events import FIRST, check_event_id
-from orchestrator.problems import Conflict, InvalidRequest
-from orchestrator.protocol.admin import (
+from cotune.orchestrator.api.auth import Admin, CoordinatorDep, JobId
+from cotune.orchestrator.api.context import ApiContext
+from cotune.orchestrator.control.events import FIRST, check_event_id
+from cotune.orchestrator.control.records import JobRecord, TaskRecord
+from cotune.orchestrator.data.layout import best_prefix
+from cotune.orchestrator.pipeline.submission import submit
+from cotune.orchestrator.protocol.admin import (
     DownloadFile,
     DownloadList,
     EventBody,
@@ -30,9 +28,12 @@ from orchestrator.protocol.admin import (
     TrialList,
     TrialView,
 )
-from orchestrator.protocol.wire import API_PREFIX
-from orchestrator.records import JOB_STATES, JobRecord, TaskRecord
-from orchestrator.submission import submit
+from cotune.orchestrator.protocol.problems import Conflict, InvalidRequest
+from cotune.orchestrator.protocol.states import JOB_STATES
+from cotune.orchestrator.protocol.wire import API_PREFIX
+from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 router = APIRouter(prefix=API_PREFIX + "/jobs", tags=["jobs"], dependencies=[Admin])
 
@@ -137,7 +138,7 @@ def events(
     yield from _stream(c, job.job_id, cursor, follow)
 
 
-def _stream(c: Coordinator, job_id: str, cursor: str, follow: bool) -> Iterator[ServerSentEvent]:
+def _stream(c: ApiContext, job_id: str, cursor: str, follow: bool) -> Iterator[ServerSentEvent]:
     while True:
         finished = c.state.get_job(job_id).terminal  # before reading: no event is missed
         batch = c.state.events.read(job_id, cursor, block_ms=1000 if follow else None)
@@ -158,7 +159,7 @@ def download(job_id: JobId, c: CoordinatorDep) -> DownloadList:
             f"job {job_id} is {job.state}: its best adapter is ready once the job succeeded",
             "job_id",
         )
-    prefix = f"jobs/{job_id}/best/"
+    prefix = best_prefix(job_id)
     files = []
     for info in c.store.list(prefix):
         sha256 = info.sha256 or _stored_sha256(c, info.key)
@@ -173,7 +174,7 @@ def download(job_id: JobId, c: CoordinatorDep) -> DownloadList:
     return DownloadList(job_id=job_id, files=files)
 
 
-def _stored_sha256(c: Coordinator, key: str) -> str:
+def _stored_sha256(c: ApiContext, key: str) -> str:
     head = c.store.head(key)
     if head is not None and head.sha256:
         return head.sha256
@@ -188,7 +189,7 @@ def _counts(tasks: list[TaskRecord]) -> TaskCounts:
     return TaskCounts.model_validate(dict(Counter(t.state for t in tasks)))
 
 
-def _summary(c: Coordinator, job: JobRecord, tasks: list[TaskRecord]) -> JobSummary:
+def _summary(c: ApiContext, job: JobRecord, tasks: list[TaskRecord]) -> JobSummary:
     return JobSummary(
         job_id=job.job_id,
         name=job.name,
@@ -202,11 +203,11 @@ def _summary(c: Coordinator, job: JobRecord, tasks: list[TaskRecord]) -> JobSumm
     )
 
 
-def _trials(c: Coordinator, job: JobRecord) -> int:
-    return int(c.state.redis.zcard(c.state.keys.job_trials(job.job_id)))
+def _trials(c: ApiContext, job: JobRecord) -> int:
+    return c.state.trial_count(job.job_id)
 
 
-def _detail(c: Coordinator, job: JobRecord) -> JobDetail:
+def _detail(c: ApiContext, job: JobRecord) -> JobDetail:
     summary = _summary(c, job, c.state.tasks_of(job.job_id))
     manifest = json.loads(job.manifest_json) if job.manifest_json else None
     return JobDetail(**summary.model_dump(), spec_yaml=job.spec_yaml, manifest=manifest)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+from cotune.orchestrator.api.auth import Admin, CoordinatorDep
+from cotune.orchestrator.protocol.admin import JoinTokenRequest, JoinTokenResponse
+from cotune.orchestrator.protocol.wire import API_PREFIX
 from fastapi import APIRouter
-
-from orchestrator.api.auth import Admin, CoordinatorDep
-from orchestrator.protocol.admin import JoinTokenRequest, JoinTokenResponse
-from orchestrator.protocol.wire import API_PREFIX
 
 router = APIRouter(tags=["tokens"])
 

@@ -3,16 +3,15 @@ worker list (admin) and the contributors' leaderboard (public)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
-
-from orchestrator.api.auth import Admin, CoordinatorDep, LeaseId, WorkerDep
-from orchestrator.protocol.admin import (
+from cotune.orchestrator.api.auth import Admin, CoordinatorDep, LeaseId, WorkerDep
+from cotune.orchestrator.control.workers import WorkerRecord
+from cotune.orchestrator.protocol.admin import (
     Leaderboard,
     LeaderboardEntry,
     WorkerList,
     WorkerView,
 )
-from orchestrator.protocol.wire import (
+from cotune.orchestrator.protocol.wire import (
     API_PREFIX,
     COMPLETE_PATH,
     ENROLL_PATH,
@@ -33,7 +32,7 @@ from orchestrator.protocol.wire import (
     LeaseResponse,
     ReleaseRequest,
 )
-from orchestrator.workers import WorkerRecord
+from fastapi import APIRouter
 
 router = APIRouter(tags=["workers"])
 

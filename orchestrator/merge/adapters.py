@@ -21,9 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from cotune.orchestrator.merge.base import LoraFactors, MergeError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-
-from orchestrator.merge.base import LoraFactors, MergeError
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

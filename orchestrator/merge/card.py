@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from orchestrator.merge.adapters import Adapter
+from cotune.orchestrator.merge.adapters import Adapter
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-from orchestrator.merge.base import LoraFactors, MergedFactors
-from orchestrator.merge.factored import concat_factors
+from cotune.orchestrator.merge.base import LoraFactors, MergedFactors
+from cotune.orchestrator.merge.factored import concat_factors
 
 
 @dataclass(frozen=True)

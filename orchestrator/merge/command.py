@@ -8,11 +8,10 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
+from cotune.orchestrator.merge.base import MergeError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
-
-from orchestrator.merge.base import MergeError
 
 EXIT_BAD_INPUT = 2
 
@@ -31,7 +30,7 @@ def merge_command(
     err = Console(stderr=True)
     console = Console()
     try:
-        from orchestrator.merge.merger import execute_merge, plan_merge
+        from cotune.orchestrator.merge.merger import execute_merge, plan_merge
     except ImportError as missing:
         err.print(
             f"[red]error:[/] cotune merge needs torch and safetensors ({missing}); install "

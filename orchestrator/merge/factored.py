@@ -11,8 +11,7 @@ import zlib
 from collections.abc import Sequence
 
 import torch
-
-from orchestrator.merge.base import LoraFactors, MergedFactors
+from cotune.orchestrator.merge.base import LoraFactors, MergedFactors
 
 #: Above this smaller dimension a dense re-compression uses a randomized SVD: a full SVD of
 #: an 11008 x 4096 matrix takes tens of seconds on two cores, a randomized one a fraction.

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-from orchestrator.merge.base import LoraFactors, MergedFactors, MergeError
-from orchestrator.merge.factored import average_factors
+from cotune.orchestrator.merge.base import LoraFactors, MergedFactors, MergeError
+from cotune.orchestrator.merge.factored import average_factors
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The merge driver: plan (validate everything, read no data), then stream modules to the output.
 
-    from orchestrator.merge.merger import merge_adapters
+    from cotune.orchestrator.merge.merger import merge_adapters
     report = merge_adapters([Path("a"), Path("b")], Path("merged"), method="svd")
 
 A merge writes into a hidden sibling folder and renames it into place at the end, so a
@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.merge.adapters import (
+from cotune.orchestrator.merge.adapters import (
     CONFIG_FILE,
     METRICS_FILE,
     WEIGHTS_FILE,
@@ -28,10 +28,10 @@ from orchestrator.merge.adapters import (
     load_module,
     read_adapter,
 )
-from orchestrator.merge.base import MergeError, MergeStrategy
-from orchestrator.merge.card import MergeSummary, merged_config, merged_tokens, model_card
-from orchestrator.merge.registry import DEFAULT_METHOD, make_strategy
-from orchestrator.merge.weights import Weights, resolve_weights
+from cotune.orchestrator.merge.base import MergeError, MergeStrategy
+from cotune.orchestrator.merge.card import MergeSummary, merged_config, merged_tokens, model_card
+from cotune.orchestrator.merge.registry import DEFAULT_METHOD, make_strategy
+from cotune.orchestrator.merge.weights import Weights, resolve_weights
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +153,8 @@ def _torch_threads(threads: int | None) -> Iterator[None]:
 def _stream(
     plan: MergePlan, out: Path, command: str | None, progress: Progress | None
 ) -> MergeSummary:
-    from orchestrator.merge.factored import pad_rank
-    from orchestrator.merge.writer import StreamingSafetensorsWriter, TensorSlot
+    from cotune.orchestrator.merge.factored import pad_rank
+    from cotune.orchestrator.merge.writer import StreamingSafetensorsWriter, TensorSlot
 
     created = _first_missing(out.parent)
     out.parent.mkdir(parents=True, exist_ok=True)

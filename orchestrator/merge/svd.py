@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-from orchestrator.merge.base import LoraFactors, MergedFactors
-from orchestrator.merge.factored import stack_factors, truncated_svd_factored
+from cotune.orchestrator.merge.base import LoraFactors, MergedFactors
+from cotune.orchestrator.merge.factored import stack_factors, truncated_svd_factored
 
 
 @dataclass(frozen=True)

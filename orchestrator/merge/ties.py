@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-
-from orchestrator.merge.base import LoraFactors, MergedFactors
-from orchestrator.merge.factored import compress_dense, dense_delta, module_seed
+from cotune.orchestrator.merge.base import LoraFactors, MergedFactors
+from cotune.orchestrator.merge.factored import compress_dense, dense_delta, module_seed
 
 DEFAULT_DENSITY = 0.2  # the TIES paper keeps the top 20%
 

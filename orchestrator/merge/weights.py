@@ -6,8 +6,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from orchestrator.merge.adapters import METRICS_FILE, Adapter
-from orchestrator.merge.base import MergeError
+from cotune.orchestrator.merge.adapters import METRICS_FILE, Adapter
+from cotune.orchestrator.merge.base import MergeError
 
 
 @dataclass(frozen=True)

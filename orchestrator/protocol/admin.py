@@ -1,5 +1,5 @@
 """The job and admin HTTP API's bodies, version 1: shared by the coordinator's routes and
-`CotuneClient` (orchestrator/client.py). Light: pydantic only.
+`CotuneClient` (orchestrator/cli/client.py). Light: pydantic only.
 
     POST /v1/jobs                      spec (YAML or JSON)  -> SubmitResponse   (admin)
     GET  /v1/jobs                                           -> JobList          (admin)
@@ -19,14 +19,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+from cotune.orchestrator.protocol.states import JobState, TaskState, TrialState
+from cotune.orchestrator.protocol.wire import GpuInfo, NonNegInt, WireModel
 from pydantic import Field, StringConstraints
 
-from orchestrator.protocol.wire import GpuInfo, NonNegInt, WireModel
+API_FILE = "api.json"  # <home>/api.json: {"url", "pid"} of the API serving that home
 
-JobStateName = Literal[
-    "pending", "sharding", "running", "merging", "succeeded", "failed", "cancelled"
-]
-TaskStateName = Literal["queued", "leased", "accepted", "failed", "cancelled"]
+JobStateName = JobState
+TaskStateName = TaskState
 
 
 class SubmitResponse(WireModel):
@@ -82,7 +82,7 @@ class TaskView(WireModel):
 class TrialView(WireModel):
     number: NonNegInt
     params: dict[str, Any]
-    state: Literal["running", "pruned", "complete", "failed"]
+    state: TrialState
     rounds_done: NonNegInt
     eval_losses: list[float]
     error: str | None = None

@@ -2,7 +2,7 @@
 
 Used by spec checking (`cotune validate`), so it runs on the submitter's base install: stdlib
 only, with pyarrow (parquet) and zstandard (.zst) imported lazily and skipped with a note when
-missing. It reads the same inputs as orchestrator/datasource.py (which does the real, streamed
+missing. It reads the same inputs as orchestrator/data/datasource.py (which does the real, streamed
 read at sharding time): .jsonl/.ndjson/.json, optionally .gz/.zst, and .parquet; a folder
 means every such file below it, hidden names skipped.
 """
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator.protocol.formats import row_checker
+from cotune.orchestrator.protocol.formats import row_checker
 
 _JSON = (".jsonl", ".ndjson", ".json")
 DATA_SUFFIXES: tuple[str, ...] = (*(s + c for s in _JSON for c in ("", ".gz", ".zst")), ".parquet")

@@ -31,9 +31,8 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Self
 
+from cotune.orchestrator.protocol.task import TrainTask
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
-
-from orchestrator.protocol.task import TrainTask
 
 API_PREFIX = "/v1"
 

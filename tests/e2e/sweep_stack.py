@@ -19,8 +19,7 @@ from typing import Any
 
 import pytest
 import yaml
-
-from orchestrator.settings import Settings
+from cotune.orchestrator.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -97,7 +96,7 @@ class WorkerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith("COTUNE_")}
         env.update(COTUNE_HOME=str(home), PYTHONUNBUFFERED="1")
-        argv = [sys.executable, "-m", "orchestrator", "worker", "--coordinator", url]
+        argv = [sys.executable, "-m", "cotune.orchestrator", "worker", "--coordinator", url]
         argv += ["--join-token", join_token, "--cpu", "--work-dir", str(home / "workers" / name)]
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(

@@ -20,13 +20,13 @@ from typing import Any
 
 import httpx
 import pytest
+from cotune.orchestrator.cli.client import CotuneClient
+from cotune.orchestrator.control.state import State
+from cotune.orchestrator.pipeline.study import JobStudy
+from cotune.orchestrator.protocol.spec import load_spec
+from cotune.orchestrator.runtime.coordinator import CoordinatorService
+from cotune.orchestrator.runtime.services.ports import free_port
 
-from orchestrator.client import CotuneClient
-from orchestrator.coordinator import CoordinatorService
-from orchestrator.protocol.spec import load_spec
-from orchestrator.services.ports import free_port
-from orchestrator.state import State
-from orchestrator.study import JobStudy
 from tests.e2e.sweep_stack import (
     ROOT,
     WorkerProcess,
@@ -122,7 +122,7 @@ class CoordinatorProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        argv = [sys.executable, "-m", "orchestrator", "coordinator", "--workers", "0"]
+        argv = [sys.executable, "-m", "cotune.orchestrator", "coordinator", "--workers", "0"]
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 argv,

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.e2e
 def _cotune(*args: str, home: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("COTUNE_")}
     return subprocess.run(
-        [sys.executable, "-m", "orchestrator", *args, "--home", str(home)],
+        [sys.executable, "-m", "cotune.orchestrator", *args, "--home", str(home)],
         cwd=ROOT,
         env=env,
         capture_output=True,

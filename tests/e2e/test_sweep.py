@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cotune.orchestrator.cli.client import CotuneClient
+from cotune.orchestrator.data.objectstore import ObjectStore
+from cotune.orchestrator.protocol.spec import load_spec
+from cotune.orchestrator.protocol.task import TrainTask
+from cotune.orchestrator.runtime.coordinator import CoordinatorService
 
-from orchestrator.client import CotuneClient
-from orchestrator.coordinator import CoordinatorService
-from orchestrator.objectstore import ObjectStore
-from orchestrator.protocol.spec import load_spec
-from orchestrator.protocol.task import TrainTask
 from tests.e2e.sweep_stack import (
     WorkerProcess,
     service_settings,
@@ -36,8 +36,8 @@ GRID_SEED = 10
 
 def eval_loss(task: TrainTask, eval_file: Path, models_dir: Path, adapter: Path | None) -> float:
     """The eval loss, computed here in the test process, independently of the coordinator."""
-    from worker.data import load_examples
-    from worker.training import load_base, mean_loss
+    from cotune.worker.data import load_examples
+    from cotune.worker.training import load_base, mean_loss
 
     model, tokenizer = load_base(task, models_dir=models_dir)
     if adapter is not None:

@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
+from cotune.orchestrator.cli.client import CotuneClient
+from cotune.orchestrator.runtime.services.ports import free_port
 
-from orchestrator.client import CotuneClient
-from orchestrator.services.ports import free_port
 from tests.e2e.sweep_stack import ROOT, WorkerProcess, wait_for, wait_for_job, write_spec
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -45,7 +45,16 @@ def test_a_volunteer_with_a_join_token_joins_cotune_up_and_trains_its_tasks(
     log = tmp_path / "up.log"
     with log.open("wb") as sink:
         up = subprocess.Popen(
-            [sys.executable, "-m", "orchestrator", "up", "--home", str(home), "--workers", "0"],
+            [
+                sys.executable,
+                "-m",
+                "cotune.orchestrator",
+                "up",
+                "--home",
+                str(home),
+                "--workers",
+                "0",
+            ],
             cwd=ROOT,
             env=env,
             stdout=sink,

@@ -10,9 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from orchestrator.protocol.task import TrainTask
-from orchestrator.synthetic import generate_rows, write_jsonl
+from cotune.orchestrator.data.synthetic import generate_rows, write_jsonl
+from cotune.orchestrator.protocol.task import TrainTask
 
 torch = pytest.importorskip("torch", reason="GPU training needs the worker extra")
 
@@ -40,8 +39,8 @@ def _task(model_dir: Path, **overrides: Any) -> TrainTask:
 
 
 def test_nf4_training_on_cuda(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from worker.hardware import detect_hardware
-    from worker.training import (
+    from cotune.worker.hardware import detect_hardware
+    from cotune.worker.training import (
         compute_dtype,
         evaluate_adapter,
         load_base,
@@ -84,7 +83,7 @@ def test_nf4_training_on_cuda(tiny_model_dir: Path, tmp_path: Path) -> None:
 
 
 def test_resume_on_cuda_repeats_the_run(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from worker.training import run_training
+    from cotune.worker.training import run_training
 
     train = tmp_path / "train.jsonl"
     write_jsonl(train, generate_rows("alpaca", 400, seed=1))

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
-
-from orchestrator.protocol.task import TrainTask
-from orchestrator.protocol.wire import (
+from cotune.orchestrator.control.records import StoredObject, TaskInputs, TaskRecord
+from cotune.orchestrator.control.state import State
+from cotune.orchestrator.protocol.task import TrainTask
+from cotune.orchestrator.protocol.wire import (
     ADAPTER_FILES,
     ArtifactRef,
     Capabilities,
@@ -22,8 +24,6 @@ from orchestrator.protocol.wire import (
     PresignedPost,
     TaskLease,
 )
-from orchestrator.records import StoredObject, TaskInputs, TaskRecord
-from orchestrator.state import State
 
 PREFIX = "cotune:"
 HARDWARE = Hardware(cpu_count=2, memory_bytes=8 << 30, cotune_version="test")
@@ -87,6 +87,13 @@ def train_task(**overrides: Any) -> TrainTask:
 def stored_input(store: Any, key: str, data: bytes, name: str | None = None) -> StoredObject:
     info = store.put_bytes(key, data)
     return StoredObject(key=key, sha256=info.sha256, bytes=info.size, name=name)
+
+
+def stored_file(store: Any, key: str, path: Path) -> StoredObject:
+    """Upload a file as a task input, saved by the worker under the file's name."""
+    info = store.put_file(key, path)
+    assert info.sha256 is not None, f"{key}: the store recorded no sha256"
+    return StoredObject(key=key, sha256=info.sha256, bytes=info.size, name=path.name)
 
 
 def new_job(state: State, job_id: str, trials: int = 1, state_name: str = "running") -> None:

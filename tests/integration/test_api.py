@@ -11,10 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fastapi.testclient import TestClient
-
-from orchestrator.api import Coordinator, create_app
-from orchestrator.protocol.wire import (
+from cotune.orchestrator.api import ApiContext, create_app
+from cotune.orchestrator.protocol.wire import (
     COMPLETE_PATH,
     ENROLL_PATH,
     FAIL_PATH,
@@ -28,7 +26,9 @@ from orchestrator.protocol.wire import (
     LeaseRequest,
     TaskLease,
 )
-from orchestrator.settings import Settings
+from cotune.orchestrator.settings import Settings
+from fastapi.testclient import TestClient
+
 from tests.integration.coordinator_kit import (
     CPU,
     HARDWARE,
@@ -58,15 +58,15 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def coordinator(redis_client: Any, object_store: Any, tmp_path: Path, clock: Clock) -> Coordinator:
+def coordinator(redis_client: Any, object_store: Any, tmp_path: Path, clock: Clock) -> ApiContext:
     settings = Settings(home=tmp_path / "home", lease_ttl_s=TTL, heartbeat_interval_s=5)
-    return Coordinator.create(
+    return ApiContext.create(
         settings, redis_client, object_store, ADMIN, clock=clock, retry_after_s=0.5
     )
 
 
 @pytest.fixture
-def api(coordinator: Coordinator) -> TestClient:
+def api(coordinator: ApiContext) -> TestClient:
     # Not entered as a context manager: no lifespan, so no background reclaimer touches the
     # state between a test's snapshots. Bodies are JSON unless a request says otherwise.
     return TestClient(create_app(coordinator), headers={"Content-Type": "application/json"})
@@ -123,7 +123,7 @@ def lease_path(path: str, worker: Worker, lease_id: str) -> str:
 
 def test_jobs_are_submitted_listed_inspected_and_cancelled(
     api: TestClient,
-    coordinator: Coordinator,
+    coordinator: ApiContext,
     alpaca_dataset: Path,
     object_store: Any,
     clock: Clock,
@@ -201,7 +201,7 @@ def test_events_stream_and_resume_from_last_event_id(api: TestClient, alpaca_dat
 
 
 def test_download_lists_the_best_adapter_once_the_job_succeeded(
-    api: TestClient, coordinator: Coordinator, alpaca_dataset: Path, object_store: Any
+    api: TestClient, coordinator: ApiContext, alpaca_dataset: Path, object_store: Any
 ) -> None:
     job_id = submit(api, spec_yaml(str(alpaca_dataset)))
     object_store.put_bytes(f"jobs/{job_id}/best/adapter_config.json", b'{"r": 4}')
@@ -227,7 +227,7 @@ def test_health_metrics_and_openapi(api: TestClient) -> None:
 
 
 def test_the_leaderboard_and_worker_list_show_accepted_work(
-    api: TestClient, coordinator: Coordinator, object_store: Any, alpaca_dataset: Path
+    api: TestClient, coordinator: ApiContext, object_store: Any, alpaca_dataset: Path
 ) -> None:
     job_id = submit(api, spec_yaml(str(alpaca_dataset)))
     coordinator.state.transition_job(job_id, "running", expect=["pending"])
@@ -265,7 +265,7 @@ class Scene:
 @pytest.fixture
 def scene(
     api: TestClient,
-    coordinator: Coordinator,
+    coordinator: ApiContext,
     object_store: Any,
     alpaca_dataset: Path,
     clock: Clock,

@@ -10,15 +10,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cotune.orchestrator.api import ApiContext
+from cotune.orchestrator.cli.app import app as cli_app
+from cotune.orchestrator.cli.client import API_FILE, ApiError, CotuneClient, discover_url
+from cotune.orchestrator.control.records import StoredObject, TaskInputs, TaskRecord
+from cotune.orchestrator.control.tokens import load_or_create_admin_token
+from cotune.orchestrator.protocol.admin import EventBody
+from cotune.orchestrator.runtime.apiserver import ApiServer, serve_api
+from cotune.orchestrator.settings import Settings
 from typer.testing import CliRunner
 
-from orchestrator.api import ApiServer, Coordinator, serve_api
-from orchestrator.cli import app as cli_app
-from orchestrator.client import API_FILE, ApiError, CotuneClient, discover_url
-from orchestrator.protocol.admin import EventBody
-from orchestrator.records import StoredObject, TaskInputs, TaskRecord
-from orchestrator.settings import Settings
-from orchestrator.tokens import load_or_create_admin_token
 from tests.integration.coordinator_kit import train_task
 
 pytestmark = pytest.mark.integration
@@ -32,10 +33,10 @@ def home(tmp_path: Path) -> Path:
 @pytest.fixture
 def served(
     redis_client: Any, object_store: Any, home: Path
-) -> Iterator[tuple[Coordinator, ApiServer]]:
+) -> Iterator[tuple[ApiContext, ApiServer]]:
     settings = Settings(home=home, lease_ttl_s=60, heartbeat_interval_s=1)
     admin = load_or_create_admin_token(home)  # as embedded mode does
-    coordinator = Coordinator.create(
+    coordinator = ApiContext.create(
         settings, redis_client, object_store, admin, retry_after_s=0.2, reclaim_interval_s=0.2
     )
     server = serve_api(coordinator, "127.0.0.1", 0)
@@ -63,7 +64,7 @@ def spec_file(tmp_path: Path, alpaca_dataset: Path) -> Path:
 
 
 def test_the_client_over_a_real_socket(
-    served: tuple[Coordinator, ApiServer],
+    served: tuple[ApiContext, ApiServer],
     spec_file: Path,
     home: Path,
     object_store: Any,
@@ -130,7 +131,7 @@ def test_the_client_over_a_real_socket(
 
 
 def test_the_job_commands(
-    served: tuple[Coordinator, ApiServer],
+    served: tuple[ApiContext, ApiServer],
     spec_file: Path,
     home: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -188,14 +189,14 @@ def test_the_job_commands(
 
 
 def test_the_worker_agent_trains_through_the_real_api(
-    served: tuple[Coordinator, ApiServer],
+    served: tuple[ApiContext, ApiServer],
     object_store: Any,
     tiny_model_dir: Path,
     synthetic_jsonl: Callable[..., Path],
     tmp_path: Path,
 ) -> None:
-    from worker.agent import Agent, AgentConfig
-    from worker.hardware import detect_hardware
+    from cotune.worker.agent import Agent, AgentConfig
+    from cotune.worker.hardware import detect_hardware
 
     coordinator, server = served
     state = coordinator.state

@@ -6,10 +6,18 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-
-from orchestrator.leases import Leases
-from orchestrator.problems import Forbidden, LeaseExpired, NotFound, Rejected, StaleLease
-from orchestrator.protocol.wire import (
+from cotune.orchestrator.control.leases import Leases
+from cotune.orchestrator.control.state import State
+from cotune.orchestrator.control.tokens import JoinTokens
+from cotune.orchestrator.control.workers import Workers
+from cotune.orchestrator.protocol.problems import (
+    Forbidden,
+    LeaseExpired,
+    NotFound,
+    Rejected,
+    StaleLease,
+)
+from cotune.orchestrator.protocol.wire import (
     ArtifactRef,
     CompleteRequest,
     FailRequest,
@@ -17,10 +25,8 @@ from orchestrator.protocol.wire import (
     ReleaseRequest,
     TaskLease,
 )
-from orchestrator.settings import Settings
-from orchestrator.state import State
-from orchestrator.tokens import JoinTokens
-from orchestrator.workers import Workers
+from cotune.orchestrator.settings import Settings
+
 from tests.integration.coordinator_kit import (
     CPU,
     HARDWARE,

@@ -9,15 +9,15 @@ from pathlib import Path
 
 import httpx
 import pytest
-
-from orchestrator.objectstore import (
+from cotune.orchestrator.data.objectstore import ObjectStore
+from cotune.orchestrator.data.s3errors import (
     ChecksumMismatch,
     InvalidKey,
     ObjectNotFound,
-    ObjectStore,
     ObjectStoreError,
 )
-from orchestrator.settings import Settings
+from cotune.orchestrator.settings import Settings
+
 from tests.fixtures.services import S3Server
 
 pytestmark = pytest.mark.integration

@@ -5,12 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from cotune.orchestrator.control.leases import Leases
+from cotune.orchestrator.control.queue import Queue
+from cotune.orchestrator.control.state import State
+from cotune.orchestrator.control.tiers import GB
+from cotune.orchestrator.protocol.wire import Capabilities
+from cotune.orchestrator.settings import Settings
 
-from orchestrator.leases import Leases
-from orchestrator.protocol.wire import Capabilities
-from orchestrator.queue import GB, Queue
-from orchestrator.settings import Settings
-from orchestrator.state import State
 from tests.integration.coordinator_kit import Clock, new_job, new_task, train_task
 
 pytestmark = pytest.mark.integration
@@ -104,9 +105,10 @@ def test_work_of_a_cancelled_job_or_failed_trial_is_never_leased(
 def test_a_worker_without_a_gpu_takes_only_cpu_work(
     state: State, leases: Leases, object_store: Any
 ) -> None:
-    from orchestrator.protocol.wire import GpuInfo
-    from orchestrator.tokens import JoinTokens
-    from orchestrator.workers import Workers
+    from cotune.orchestrator.control.tokens import JoinTokens
+    from cotune.orchestrator.control.workers import Workers
+    from cotune.orchestrator.protocol.wire import GpuInfo
+
     from tests.integration.coordinator_kit import HARDWARE
 
     new_job(state, "j-1")

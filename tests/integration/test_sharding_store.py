@@ -7,18 +7,11 @@ import hashlib
 from pathlib import Path
 
 import pytest
-
-from orchestrator.manifest import MANIFEST, Manifest, ManifestError
-from orchestrator.objectstore import ObjectStore
-from orchestrator.sharding import (
-    EVAL_NAME,
-    ShardingError,
-    shard_dataset,
-    shard_name,
-    shard_to_store,
-    upload_shards,
-)
-from orchestrator.synthetic import generate_rows, write_jsonl
+from cotune.orchestrator.data.manifest import MANIFEST, Manifest, ManifestError
+from cotune.orchestrator.data.objectstore import ObjectStore
+from cotune.orchestrator.data.sharding import EVAL_NAME, ShardingError, shard_dataset, shard_name
+from cotune.orchestrator.data.shardstore import shard_to_store, upload_shards
+from cotune.orchestrator.data.synthetic import generate_rows, write_jsonl
 
 pytestmark = pytest.mark.integration
 

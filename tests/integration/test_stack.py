@@ -17,19 +17,23 @@ from pathlib import Path
 import psutil
 import pytest
 import redis
-
-from orchestrator.objectstore import ObjectStore
-from orchestrator.services.credentials import StackCredentials
-from orchestrator.services.ports import LOOPBACK
-from orchestrator.services.process import ManagedProcess, ProcessId, ServiceError, ServiceExited
-from orchestrator.services.redis_server import RedisServer
-from orchestrator.stack import EmbeddedStack, StackError, settings_for_stack
+from cotune.orchestrator.data.objectstore import ObjectStore
+from cotune.orchestrator.runtime.services.credentials import StackCredentials
+from cotune.orchestrator.runtime.services.ports import LOOPBACK
+from cotune.orchestrator.runtime.services.process import (
+    ManagedProcess,
+    ProcessId,
+    ServiceError,
+    ServiceExited,
+)
+from cotune.orchestrator.runtime.services.redis_server import RedisServer
+from cotune.orchestrator.runtime.stack import EmbeddedStack, StackError, settings_for_stack
 
 ROOT = Path(__file__).resolve().parents[2]
 START_IN_CHILD = """
 import sys, time
 from pathlib import Path
-from orchestrator.stack import EmbeddedStack
+from cotune.orchestrator.runtime.stack import EmbeddedStack
 info = EmbeddedStack(Path(sys.argv[1])).start()
 print("STACK", "ATTACHED" if info.attached else "STARTED", info.pids["redis"], flush=True)
 time.sleep(600)
@@ -159,7 +163,9 @@ def test_restart_keeps_data_and_endpoints(tmp_path: Path) -> None:
 @pytest.mark.integration
 def test_cotune_up_attach_then_sigterm_exits_0_and_leaves_no_process(tmp_path: Path) -> None:
     home = tmp_path / "home"
-    proc = _spawn("-c", "from orchestrator.cli import main; main()", "up", "--home", str(home))
+    proc = _spawn(
+        "-c", "from cotune.orchestrator.cli.app import main; main()", "up", "--home", str(home)
+    )
     try:
         out = _read_until(proc, "Ctrl-C or SIGTERM stops it", timeout_s=30)
         assert "cotune stack ready" in out
@@ -201,7 +207,7 @@ def test_cotune_up_attach_then_sigterm_exits_0_and_leaves_no_process(tmp_path: P
 def test_cotune_up_refuses_external_endpoints(tmp_path: Path) -> None:
     env = dict(_env(), COTUNE_REDIS_URL="redis://127.0.0.1:1/0")
     proc = subprocess.run(
-        [sys.executable, "-c", "from orchestrator.cli import main; main()", "up"],
+        [sys.executable, "-c", "from cotune.orchestrator.cli.app import main; main()", "up"],
         cwd=ROOT,
         env=dict(env, COTUNE_HOME=str(tmp_path / "home")),
         capture_output=True,

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from cotune.orchestrator.control.state import State
+from cotune.orchestrator.protocol.problems import Conflict, NotFound
 
-from orchestrator.problems import Conflict, NotFound
-from orchestrator.state import State
 from tests.integration.coordinator_kit import Clock, new_job, new_task, snapshot
 
 pytestmark = pytest.mark.integration

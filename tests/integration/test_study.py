@@ -6,9 +6,14 @@ import uuid
 from typing import Any
 
 import pytest
-
-from orchestrator.protocol.spec import parse_spec
-from orchestrator.study import JobStudy, decode_params, distributions, n_trials, step_of
+from cotune.orchestrator.pipeline.study import (
+    JobStudy,
+    decode_params,
+    distributions,
+    step_of,
+)
+from cotune.orchestrator.protocol.spec import parse_spec
+from cotune.orchestrator.protocol.spec.checks import effective_trials
 
 pytestmark = pytest.mark.integration
 optuna = pytest.importorskip("optuna", reason="the study needs the coordinator extra")
@@ -108,7 +113,7 @@ def test_grid_covers_every_combination_once(redis_server: str) -> None:
     data["lora"]["lora_target_modules"] = "all-linear"
     data["search"] = {"method": "grid"}
     spec = parse_spec(data)
-    assert n_trials(spec) == 4
+    assert effective_trials(spec) == 4
     study = open_study(redis_server, spec)
     seen = {tuple(sorted(study.ask().params.items())) for _ in range(4)}
     assert len(seen) == 4

@@ -7,8 +7,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-
-from worker.checkpoint_sync import pack_checkpoint, unpack_archive
+from cotune.worker.checkpoint_sync import pack_checkpoint, unpack_archive
 
 
 def test_pack_then_unpack_gives_the_same_files_without_pickles(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from orchestrator.client import _sse, discover_url
+from cotune.orchestrator.cli.client import _sse, discover_url
 
 ROOT = Path(__file__).resolve().parents[2]
 HEAVY = ("torch", "ray", "redis", "boto3", "botocore", "fastapi", "uvicorn", "transformers")
@@ -32,7 +32,7 @@ def test_event_stream_parsing() -> None:
 
 def test_the_job_commands_are_light() -> None:
     code = (
-        "import orchestrator.jobs_cli, orchestrator.client, sys, json;"
+        "import cotune.orchestrator.cli.jobs, cotune.orchestrator.cli.client, sys, json;"
         "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))"
     )
     out = subprocess.run(

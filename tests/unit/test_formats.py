@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from cotune.orchestrator.data.synthetic import generate_rows, write_jsonl
+from cotune.orchestrator.protocol.formats import FORMATS, check_row, parse_row, row_checker
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
-
-from orchestrator.protocol.formats import FORMATS, check_row, parse_row, row_checker
-from orchestrator.synthetic import generate_rows, write_jsonl
 
 GOOD = {
     "alpaca": [

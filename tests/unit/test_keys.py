@@ -6,8 +6,7 @@ import itertools
 import re
 
 import pytest
-
-from orchestrator.keys import PREFIX, TEMPLATES, Keys, check_id
+from cotune.orchestrator.control.keys import PREFIX, TEMPLATES, Keys, check_id
 
 
 def test_every_template_is_prefixed_and_lua_ready() -> None:

@@ -6,8 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
-
-from orchestrator.settings import Settings
+from cotune.orchestrator.settings import Settings
 
 VARIABLES = {
     "COTUNE_HOME": "/srv/cotune",

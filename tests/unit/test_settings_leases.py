@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from orchestrator.settings import Settings
+from cotune.orchestrator.settings import Settings
 
 
 @pytest.fixture(autouse=True)

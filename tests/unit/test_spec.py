@@ -10,15 +10,16 @@ from typing import Any
 
 import pytest
 import yaml
-
-from orchestrator.protocol.search_space import Choice, IntRange, LogUniform, Uniform
-from orchestrator.protocol.spec import (
+from cotune.orchestrator.protocol.search_space import Choice, IntRange, LogUniform, Uniform
+from cotune.orchestrator.protocol.spec import (
     SpecError,
     SweepSpec,
+    implied,
     inspect_spec,
     load_spec,
     parse_spec,
     parse_spec_yaml,
+    spec_warnings,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -70,15 +71,15 @@ def test_tiny_example_implies_16_shard_tasks() -> None:
         "lora.lora_r": Choice((4, 8)),
     }
     assert spec.search.pruner.type in ("median", "successive_halving")
-    implied = spec.implied(dataset_rows=1000)
-    assert (implied.n_trials, implied.rounds, implied.shards) == (4, 2, 2)
-    assert implied.shard_tasks == 16
-    assert implied.merge_steps == 8
+    what = implied(spec, dataset_rows=1000)
+    assert (what.n_trials, what.rounds, what.shards) == (4, 2, 2)
+    assert what.shard_tasks == 16
+    assert what.merge_steps == 8
     t = spec.training
     assert isinstance(t.max_steps, int) and isinstance(t.micro_batch_size, int)
     assert isinstance(t.gradient_accumulation_steps, int)
     per_task = t.max_steps * t.micro_batch_size * t.gradient_accumulation_steps * t.sequence_len
-    assert implied.estimated_tokens == 16 * per_task
+    assert what.estimated_tokens == 16 * per_task
 
 
 def test_gpu_example_is_a_pinned_4bit_llama() -> None:
@@ -208,9 +209,9 @@ def test_grid_size_and_trials() -> None:
         )
     )
     assert spec.grid_size() == 6
-    assert spec.implied().n_trials == 6
+    assert implied(spec).n_trials == 6
     capped = parse_spec(base(lora={"lora_r": [4, 8, 16]}, search={"method": "grid", "n_trials": 2}))
-    assert capped.implied().n_trials == 2
+    assert implied(capped).n_trials == 2
     assert parse_spec(base(lora={"lora_r": [4, 8]}, search={"n_trials": 3})).grid_size() is None
 
 
@@ -343,12 +344,12 @@ def test_base_model_kinds() -> None:
 )
 def test_warnings_name_the_field(overrides: dict[str, Any], path: str) -> None:
     spec = parse_spec(base(**overrides))
-    assert path in [w.path for w in spec.warnings()]
+    assert path in [w.path for w in spec_warnings(spec)]
 
 
 def test_a_plain_spec_has_no_warnings() -> None:
     spec = parse_spec(base(rounds=3, search={"pruner": {"type": "successive_halving"}}))
-    assert spec.warnings() == []
+    assert spec_warnings(spec) == []
 
 
 # ----- spec files and the data they name -----------------------------------------------------
@@ -446,17 +447,17 @@ def test_epoch_based_token_estimate_uses_the_row_count() -> None:
             training={"max_steps": None, "num_epochs": 2, "sequence_len": 64}, dataset={"shards": 2}
         )
     )
-    assert spec.implied().estimated_tokens is None
+    assert implied(spec).estimated_tokens is None
     # 100 rows, 10 held out, 45 per shard, 2 epochs, 64 tokens each, 2 shard tasks.
-    assert spec.implied(dataset_rows=100).estimated_tokens == 2 * 90 * 64
+    assert implied(spec, dataset_rows=100).estimated_tokens == 2 * 90 * 64
 
 
 def test_docs_reference_is_current() -> None:
-    from orchestrator.spec_docs import render
+    from cotune.orchestrator.cli.specdocs import render
 
     doc = ROOT / "docs/spec.md"
     assert doc.read_text() == render(), (
-        "regenerate: python -m orchestrator.spec_docs > docs/spec.md"
+        "regenerate: python -m cotune.orchestrator.cli.specdocs > docs/spec.md"
     )
 
 
@@ -464,10 +465,11 @@ def test_spec_modules_stay_light() -> None:
     # The worker and the submitter's base install import these: pydantic and PyYAML only.
     import ast
 
-    allowed = {"pydantic", "pydantic_core", "yaml", "orchestrator", "__future__"}
+    allowed = {"pydantic", "pydantic_core", "yaml", "cotune", "__future__"}
     lazily = {"pyarrow", "zstandard"}  # imported inside functions, skipped when missing
-    for module in (ROOT / "orchestrator/protocol").glob("*.py"):
-        if not module.stem.startswith(("spec", "search_space", "dataset_probe")):
+    protocol = ROOT / "orchestrator/protocol"
+    for module in [*protocol.glob("spec/*.py"), *protocol.glob("*.py")]:
+        if module.parent.name != "spec" and module.stem not in ("search_space", "dataset_probe"):
             continue
         tree = ast.parse(module.read_text())
         for node in tree.body:  # module level only
@@ -495,7 +497,7 @@ def test_parquet_without_pyarrow_is_a_note_not_an_error(tmp_path: Path) -> None:
     probe = (
         "import sys; sys.modules['pyarrow'] = None; sys.modules['pyarrow.parquet'] = None\n"
         "from pathlib import Path\n"
-        "from orchestrator.protocol.spec import inspect_spec\n"
+        "from cotune.orchestrator.protocol.spec import inspect_spec\n"
         f"r = inspect_spec(Path({str(spec)!r}))\n"
         "print(r.dataset_rows, [str(n) for n in r.notes])\n"
     )

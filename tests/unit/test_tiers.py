@@ -4,8 +4,7 @@ hold, largest first; sold GPUs land in their own tier."""
 from __future__ import annotations
 
 import pytest
-
-from orchestrator.queue import GB, TIER_NAMES, tier_for, tiers_for
+from cotune.orchestrator.control.tiers import GB, TIER_NAMES, tier_for, tiers_for
 
 GIB = 1 << 30
 

@@ -8,8 +8,7 @@ import stat
 from pathlib import Path
 
 import pytest
-
-from orchestrator.tokens import (
+from cotune.orchestrator.control.tokens import (
     check_name,
     load_or_create_admin_token,
     new_token,

@@ -170,7 +170,7 @@ def test_validate_imports_nothing_heavy(tmp_path: Path) -> None:
     # them. Run the real CLI entry point (plugins included) and look at sys.modules after.
     probe = (
         "import json, sys\n"
-        "from orchestrator.cli import main\n"
+        "from cotune.orchestrator.cli.app import main\n"
         f"sys.argv = ['cotune', 'validate', {str(ROOT / 'examples/tiny/sweep.yaml')!r}]\n"
         "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\n"
         f"heavy = [m for m in {HEAVY!r} if m in sys.modules]\n"

@@ -5,10 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from pydantic import ValidationError
-
-from orchestrator.protocol.task import TrainTask
-from orchestrator.protocol.wire import (
+from cotune.orchestrator.protocol.task import TrainTask
+from cotune.orchestrator.protocol.wire import (
     ADAPTER_FILES,
     CompleteRequest,
     HeartbeatRequest,
@@ -18,6 +16,7 @@ from orchestrator.protocol.wire import (
     TaskLease,
     TaskOutputs,
 )
+from pydantic import ValidationError
 
 SHA = "0" * 64
 

@@ -9,8 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-
-from orchestrator.merge.base import LoraFactors
+from cotune.orchestrator.merge.base import LoraFactors
 
 #: A small model's LoRA targets: module path -> (d_out, d_in); non-square on purpose.
 MODULES: dict[str, tuple[int, int]] = {

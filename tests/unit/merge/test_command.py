@@ -8,9 +8,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from cotune.orchestrator.cli.app import app
 from typer.testing import CliRunner
-
-from orchestrator.cli import app
 
 
 def test_merge_prints_a_summary_and_writes_a_peft_folder(

@@ -7,11 +7,8 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
-from orchestrator.merge.base import LoraFactors
-from orchestrator.merge.factored import (
+from cotune.orchestrator.merge.base import LoraFactors
+from cotune.orchestrator.merge.factored import (
     DROP_RELATIVE,
     average_factors,
     compress_dense,
@@ -21,7 +18,10 @@ from orchestrator.merge.factored import (
     truncated_svd_factored,
     weighted_delta,
 )
-from orchestrator.merge.registry import make_strategy
+from cotune.orchestrator.merge.registry import make_strategy
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from tests.unit.merge.conftest import random_factors
 
 SETTINGS = settings(max_examples=150, deadline=None)

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from cotune.orchestrator.merge.base import MergeError
+from cotune.orchestrator.merge.merger import merge_adapters
 from safetensors.torch import load_file, save_file
 
-from orchestrator.merge.base import MergeError
-from orchestrator.merge.merger import merge_adapters
 from tests.unit.merge.conftest import MODULES, lora_key, random_adapter, write_adapter
 
 Q = "model.layers.0.self_attn.q_proj"

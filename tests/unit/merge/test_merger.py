@@ -7,11 +7,11 @@ import re
 from pathlib import Path
 
 import torch
+from cotune.orchestrator.merge.adapters import load_module, read_adapter
+from cotune.orchestrator.merge.factored import weighted_delta
+from cotune.orchestrator.merge.merger import merge_adapters
 from safetensors import safe_open
 
-from orchestrator.merge.adapters import load_module, read_adapter
-from orchestrator.merge.factored import weighted_delta
-from orchestrator.merge.merger import merge_adapters
 from tests.unit.merge.conftest import MODULES, lora_key, random_adapter, write_adapter
 
 Q = "model.layers.0.self_attn.q_proj"
@@ -166,8 +166,8 @@ def test_dare_and_ties_at_full_density_are_the_svd_merge(
 
 
 def test_ties_trims_and_elects_signs(tmp_path: Path) -> None:
-    from orchestrator.merge.base import LoraFactors
-    from orchestrator.merge.ties import ties_delta
+    from cotune.orchestrator.merge.base import LoraFactors
+    from cotune.orchestrator.merge.ties import ties_delta
 
     # The deltas are B itself (A = I): [[4, -1], [2, 3]] and [[-6, 0.5], [1.5, 0.25]].
     one = LoraFactors(a=torch.eye(2), b=torch.tensor([[4.0, -1.0], [2.0, 3.0]]), scale=1.0)

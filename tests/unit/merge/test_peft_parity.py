@@ -32,9 +32,8 @@ from typing import Any
 
 import pytest
 import torch
+from cotune.orchestrator.merge.merger import merge_adapters
 from torch import nn
-
-from orchestrator.merge.merger import merge_adapters
 
 peft = pytest.importorskip("peft", reason="the PEFT comparison needs the worker extra")
 

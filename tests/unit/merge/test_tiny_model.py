@@ -9,8 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-
-from orchestrator.merge.merger import merge_adapters
+from cotune.orchestrator.merge.merger import merge_adapters
 
 peft = pytest.importorskip("peft", reason="loading adapters needs the worker extra")
 transformers = pytest.importorskip("transformers", reason="the tiny model needs the worker extra")

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from cotune.orchestrator.merge.writer import StreamingSafetensorsWriter, TensorSlot
 from safetensors import safe_open
 from safetensors.torch import load_file
-
-from orchestrator.merge.writer import StreamingSafetensorsWriter, TensorSlot
 
 
 @pytest.mark.parametrize("dtype", ["F32", "BF16", "F16", "F64"])

@@ -9,9 +9,8 @@ from typing import Any
 
 import pytest
 import zstandard
-
-from orchestrator.synthetic import generate_rows, write_jsonl
-from worker.data import (
+from cotune.orchestrator.data.synthetic import generate_rows, write_jsonl
+from cotune.worker.data import (
     IGNORE_INDEX,
     Collator,
     DataError,

@@ -9,15 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from orchestrator.protocol.task import TrainTask
+from cotune.orchestrator.protocol.task import TrainTask
 
 ROOT = Path(__file__).resolve().parents[3]
 
 
 def evaluate(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "orchestrator", "evaluate", *args],
+        [sys.executable, "-m", "cotune.orchestrator", "evaluate", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,

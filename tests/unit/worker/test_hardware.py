@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from worker.hardware import detect_hardware
+from cotune.worker.hardware import detect_hardware
 
 torch = pytest.importorskip("torch", reason="hardware detection needs the worker extra")
 

@@ -1,4 +1,5 @@
-"""The memory estimator against the QLoRA paper's LLaMA-7B figures, and its input checks."""
+"""The memory estimator against the QLoRA paper's LLaMA-7B figures, its input checks, and the
+built-in tiny model's architecture as the protocol states it (what placement estimates from)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,14 @@ import json
 from pathlib import Path
 
 import pytest
-
-from orchestrator.protocol.task import TrainTask
-from worker.memory import ModelShape, adapted_modules, estimate_memory, estimate_task_memory
+from cotune.orchestrator.protocol.builtin_models import TINY_LLAMA_CONFIG, builtin_config
+from cotune.orchestrator.protocol.memory import (
+    ModelShape,
+    adapted_modules,
+    estimate_memory,
+    estimate_task_memory,
+)
+from cotune.orchestrator.protocol.task import TrainTask
 
 MB = 1e6  # the paper's MB
 LLAMA_7B = ModelShape(
@@ -118,3 +124,13 @@ def test_estimate_for_a_task_uses_its_settings(tiny_model_dir: Path) -> None:
     assert estimate == expected
     wider = task.model_copy(update={"sequence_len": 512})
     assert estimate_task_memory(wider, config).total > estimate.total
+
+
+def test_the_tiny_models_protocol_config_is_the_built_one(tiny_model_dir: Path) -> None:
+    built = json.loads((tiny_model_dir / "config.json").read_text())
+    assert {key: built[key] for key in TINY_LLAMA_CONFIG} == dict(TINY_LLAMA_CONFIG)
+    task = TrainTask(base_model="cotune://tiny-llama", sequence_len=256, micro_batch_size=4)
+    assert estimate_task_memory(task, TINY_LLAMA_CONFIG) == estimate_task_memory(task, built)
+    assert builtin_config("cotune://tiny-llama") is TINY_LLAMA_CONFIG
+    assert builtin_config("cotune://huge-llama") is None
+    assert builtin_config("org/tiny-llama") is None

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from cotune.orchestrator.protocol.spec import load_spec
+from cotune.orchestrator.protocol.task import TrainTask, seed_for
 from pydantic import ValidationError
-
-from orchestrator.protocol.spec import load_spec
-from orchestrator.protocol.task import TrainTask, seed_for
 
 ROOT = Path(__file__).resolve().parents[3]
 TINY_SPEC = ROOT / "examples" / "tiny" / "sweep.yaml"

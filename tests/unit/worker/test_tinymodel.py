@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from worker.basemodel import BaseModelError, resolve_base_model
-from worker.tinymodel import MARKER_FILE, TINY_LLAMA_NAME, build_tiny_llama
+from cotune.worker.basemodel import BaseModelError, resolve_base_model
+from cotune.worker.tinymodel import MARKER_FILE, TINY_LLAMA_NAME, build_tiny_llama
 
 transformers = pytest.importorskip("transformers", reason="the tiny model needs the worker extra")
 torch = pytest.importorskip("torch", reason="the tiny model needs the worker extra")
@@ -150,7 +149,7 @@ def test_offline_hub_load_gives_a_clear_error(tmp_path: Path) -> None:
     # No hub here: the real from_pretrained fails (offline mode set before huggingface_hub
     # is imported, so it fails at once), and the error says what to do.
     code = (
-        "from orchestrator.protocol.task import TrainTask\n"
+        "from cotune.orchestrator.protocol.task import TrainTask\n"
         "from worker.training import load_base\n"
         "load_base(TrainTask(base_model='cotune-test/no-such-model',\n"
         "                    base_model_revision='0123abc'))"

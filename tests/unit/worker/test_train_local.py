@@ -10,9 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from orchestrator.synthetic import generate_rows, write_jsonl
-from worker.checkpoint import check_checkpoint, latest_checkpoint
+from cotune.orchestrator.data.synthetic import generate_rows, write_jsonl
+from cotune.worker.checkpoint import check_checkpoint, latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[3]
 TINY_SPEC = ROOT / "examples" / "tiny" / "sweep.yaml"
@@ -21,7 +20,7 @@ TINY_SPEC = ROOT / "examples" / "tiny" / "sweep.yaml"
 def _cotune(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
     # One torch thread: the CPU is shared with other test processes (see test_training.py).
     env = {**os.environ, "COTUNE_HOME": str(home), "OMP_NUM_THREADS": "1"}
-    code = "from orchestrator.cli import main; main()"
+    code = "from cotune.orchestrator.cli.app import main; main()"
     return subprocess.run(
         [sys.executable, "-c", code, *args],
         capture_output=True,
@@ -120,7 +119,7 @@ def test_ctrl_c_checkpoints_and_resume_finishes(tmp_path: Path, rows: Path) -> N
         "train-local", str(TINY_SPEC), "--data", str(rows), "--out", str(out),
         "--param", "training.learning_rate=5e-3", "--param", "lora.lora_r=4",
     ]  # fmt: skip
-    code = "from orchestrator.cli import main; main()"
+    code = "from cotune.orchestrator.cli.app import main; main()"
     proc = subprocess.Popen(
         [sys.executable, "-c", code, *args],
         stdout=subprocess.PIPE,

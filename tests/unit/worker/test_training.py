@@ -15,12 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from orchestrator.protocol.task import TrainTask
-from orchestrator.synthetic import generate_rows, write_jsonl
-from worker.checkpoint import CheckpointError, check_checkpoint, latest_checkpoint
-from worker.data import load_examples
-from worker.training import (
+from cotune.orchestrator.data.synthetic import generate_rows, write_jsonl
+from cotune.orchestrator.protocol.task import TrainTask
+from cotune.worker.checkpoint import CheckpointError, check_checkpoint, latest_checkpoint
+from cotune.worker.data import load_examples
+from cotune.worker.training import (
     Progress,
     TrainingError,
     evaluate_adapter,

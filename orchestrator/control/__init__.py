@@ -1,0 +1,1 @@
+"""The Redis control plane: keys, records, Lua scripts, state, queue, leases, tokens, workers."""

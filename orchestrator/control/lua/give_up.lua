@@ -1,0 +1,21 @@
+-- A worker fails or releases its lease; the task is settled.
+-- ARGV: lease_id, now, kind ('fail'/'release'), reason, retryable ('1'/'0'), checkpoint
+-- (seq, step, JSON; '' for none).
+local lease_id, now, kind, reason = ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
+local lk = key('lease', lease_id)
+local ended = (kind == 'fail') and 'failed' or 'released'
+if redis.call('HGET', lk, 'state') == ended then return {'done'} end
+local status = check_lease(lease_id, now)
+if status ~= 'ok' then return {status} end
+local f = redis.call('HMGET', lk, 'task_id', 'worker_id', 'attempt')
+record_checkpoint(lease_id, 7, now)
+redis.call('HSET', lk, 'reason', reason)
+if kind == 'fail' then redis.call('HSET', lk, 'fail_reason', reason) end
+end_lease(lease_id, ended, now)
+local wk = key('worker', f[2])
+redis.call('HSET', wk, 'last_seen', now)
+if kind == 'fail' then redis.call('HINCRBY', wk, 'tasks_failed', 1) end
+local job = redis.call('HGET', key('task', f[1]), 'job_id')
+emit(job, (kind == 'fail') and 'task_attempt_failed' or 'task_released',
+  {task_id = f[1], attempt = tonumber(f[3]), worker_id = f[2], reason = reason}, now)
+return {'ok', settle(f[1], reason, kind == 'fail', ARGV[6] == '1', now)}

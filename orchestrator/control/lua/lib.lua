@@ -1,0 +1,162 @@
+-- The library every script starts with (scripts.py prepends it): the config from Python in
+-- ARGV[1] (key templates, limits; each script's own arguments start at ARGV[2]), the task
+-- fate rules and the queue.
+local C = cjson.decode(ARGV[1])
+local K = C.k
+local function key(name, ...) return string.format(K[name], ...) end
+-- The job states that end a job: protocol/states.py's list, passed in the config.
+local TERMINAL = {}
+for _, s in ipairs(C.terminal_job_states) do TERMINAL[s] = true end
+
+local function emit(job, kind, data, now)
+  return redis.call('XADD', key('events', job), 'MAXLEN', '~', C.max_events, '*',
+    'kind', kind, 'time', tostring(now), 'data', cjson.encode(data))
+end
+
+local function job_live(job)
+  local s = redis.call('HGET', key('job', job), 'state')
+  return s and not TERMINAL[s]
+end
+
+local function task_wanted(tk)
+  local f = redis.call('HMGET', tk, 'job_id', 'trial')
+  if not job_live(f[1]) then return false end
+  local ts = redis.call('HGET', key('trial', f[1], f[2]), 'state')
+  return (not ts) or ts == 'running'
+end
+
+-- queue ---------------------------------------------------------------------------------
+local function queue_push(task_id, front)
+  local f = redis.call('HMGET', key('task', task_id), 'tier', 'job_id')
+  local q = key('queue', f[1], f[2])
+  if front then redis.call('LPUSH', q, task_id) else redis.call('RPUSH', q, task_id) end
+  local rot = key('rotation', f[1])
+  if not redis.call('LPOS', rot, f[2]) then redis.call('RPUSH', rot, f[2]) end
+end
+
+local function queue_drop(task_id)
+  local f = redis.call('HMGET', key('task', task_id), 'tier', 'job_id')
+  local q = key('queue', f[1], f[2])
+  redis.call('LREM', q, 0, task_id)
+  if redis.call('LLEN', q) == 0 then redis.call('LREM', key('rotation', f[1]), 0, f[2]) end
+end
+
+-- The next task of a tier: jobs take turns (the head of the rotation moves to its tail).
+-- `formats` (a set, or nil for all) skips a job whose next task has another data format.
+local function queue_pop(tier, formats)
+  local rot = key('rotation', tier)
+  for _ = 1, redis.call('LLEN', rot) do
+    local job = redis.call('LMOVE', rot, rot, 'LEFT', 'RIGHT')
+    if not job then return nil end
+    local q = key('queue', tier, job)
+    local head = redis.call('LINDEX', q, 0)
+    if not head then
+      redis.call('LREM', rot, 0, job)
+    elseif (not formats) or formats[redis.call('HGET', key('task', head), 'format') or ''] then
+      redis.call('LPOP', q)
+      if redis.call('LLEN', q) == 0 then redis.call('LREM', rot, 0, job) end
+      return head
+    end
+  end
+  return nil
+end
+
+-- task fate -----------------------------------------------------------------------------
+local function cancel_task(task_id, why, now)
+  local tk = key('task', task_id)
+  local f = redis.call('HMGET', tk, 'state', 'job_id')
+  if f[1] == 'queued' then queue_drop(task_id) end
+  redis.call('HSET', tk, 'state', 'cancelled', 'error', why, 'updated_at', now,
+    'lease_id', '', 'worker_id', '')
+  emit(f[2], 'task_cancelled', {task_id = task_id, reason = why}, now)
+end
+
+local function fail_trial(job, trial, round, why, now)
+  local trk = key('trial', job, trial)
+  if redis.call('HGET', trk, 'state') ~= 'running' then return end
+  redis.call('HSET', trk, 'state', 'failed', 'error', why, 'updated_at', now)
+  emit(job, 'trial_finished', {trial = tonumber(trial), state = 'failed', error = why}, now)
+  for _, other in ipairs(redis.call('SMEMBERS', key('round_tasks', job, trial, round))) do
+    if redis.call('HGET', key('task', other), 'state') == 'queued' then
+      cancel_task(other, 'its trial failed', now)
+    end
+  end
+end
+
+local function settle(task_id, why, count, retryable, now)
+  local tk = key('task', task_id)
+  if not task_wanted(tk) then
+    cancel_task(task_id, 'its job or trial is over', now)
+    return 'cancelled'
+  end
+  local failures = tonumber(redis.call('HGET', tk, 'failures') or '0')
+  if count then failures = redis.call('HINCRBY', tk, 'failures', 1) end
+  local f = redis.call('HMGET', tk, 'max_attempts', 'job_id', 'trial', 'round', 'attempt')
+  if count and ((not retryable) or failures >= tonumber(f[1])) then
+    local msg = string.format('task %s failed (%d failed attempt(s) of %s allowed): %s',
+      task_id, failures, f[1], why)
+    redis.call('HSET', tk, 'state', 'failed', 'error', msg, 'updated_at', now,
+      'lease_id', '', 'worker_id', '')
+    emit(f[2], 'task_failed', {task_id = task_id, attempt = tonumber(f[5]), error = msg}, now)
+    fail_trial(f[2], f[3], f[4], msg, now)
+    return 'failed'
+  end
+  redis.call('HSET', tk, 'state', 'queued', 'updated_at', now, 'lease_id', '', 'worker_id', '')
+  queue_push(task_id, true)
+  emit(f[2], 'task_queued', {task_id = task_id, attempt = tonumber(f[5]), reason = why}, now)
+  return 'queued'
+end
+
+-- leases --------------------------------------------------------------------------------
+local function end_lease(lease_id, state, now)
+  local lk = key('lease', lease_id)
+  local worker = redis.call('HGET', lk, 'worker_id')
+  redis.call('HSET', lk, 'state', state, 'ended_at', now)
+  redis.call('ZREM', key('deadlines'), lease_id)
+  redis.call('SREM', key('worker_leases', worker), lease_id)
+  redis.call('EXPIRE', lk, C.lease_keep_s)
+end
+
+local function expire_lease(lease_id, now)
+  local f = redis.call('HMGET', key('lease', lease_id), 'state', 'task_id', 'worker_id', 'attempt')
+  if f[1] ~= 'active' then
+    redis.call('ZREM', key('deadlines'), lease_id)
+    return false
+  end
+  end_lease(lease_id, 'expired', now)
+  redis.call('HINCRBY', key('worker', f[3]), 'tasks_expired', 1)
+  local job = redis.call('HGET', key('task', f[2]), 'job_id')
+  emit(job, 'lease_expired', {task_id = f[2], attempt = tonumber(f[4]), worker_id = f[3]}, now)
+  settle(f[2], string.format('the lease of attempt %s expired (worker %s stopped reporting)',
+    f[4], f[3]), true, true, now)
+  return true
+end
+
+-- 'ok', 'missing', 'expired' or 'stale:<state>' for a report on this lease.
+local function check_lease(lease_id, now)
+  local f = redis.call('HMGET', key('lease', lease_id), 'state', 'deadline', 'task_id')
+  if not f[1] then return 'missing' end
+  if f[1] == 'active' and tonumber(f[2]) < now then
+    expire_lease(lease_id, now)
+    return 'expired'
+  end
+  if f[1] == 'expired' then return 'expired' end
+  if f[1] ~= 'active' then return 'stale:' .. f[1] end
+  local t = redis.call('HMGET', key('task', f[3]), 'state', 'lease_id')
+  if t[1] ~= 'leased' or t[2] ~= lease_id then return 'stale:' .. (t[1] or 'gone') end
+  return 'ok'
+end
+
+-- A verified checkpoint (ARGV from `ci`: seq of its key, step, CheckpointRecord JSON).
+local function record_checkpoint(lease_id, ci, now)
+  if ARGV[ci] == '' then return end
+  local lk = key('lease', lease_id)
+  local f = redis.call('HMGET', lk, 'task_id', 'ckpt_seq')
+  if tonumber(ARGV[ci]) == tonumber(f[2]) then redis.call('HINCRBY', lk, 'ckpt_seq', 1) end
+  local tk = key('task', f[1])
+  local step = tonumber(ARGV[ci + 1])
+  local have = redis.call('HGET', tk, 'checkpoint_step')
+  if (not have) or have == '' or tonumber(have) <= step then
+    redis.call('HSET', tk, 'checkpoint_step', step, 'checkpoint_json', ARGV[ci + 2])
+  end
+end

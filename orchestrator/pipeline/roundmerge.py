@@ -1,0 +1,224 @@
+"""The trusted step after a round: merge the K accepted shard adapters, evaluate the merge.
+
+`merge_and_evaluate(MergeRequest)` runs as a Ray task (orchestrator/runtime/raypool.py) on a
+coordinator-controlled node. It is idempotent and resumable, because a coordinator may die
+at any instant and its successor runs it again:
+
+    1. jobs/<job>/trials/<t>/r<round>/merged/eval.json exists -> the round is done: return it
+    2. merged/adapter_config.json exists -> the merge was uploaded: skip to 4
+    3. download the K adapters (sha256 checked), `merge_adapters` (the merge library,
+       weights = each adapter's trained tokens), upload weights, metrics and card first and
+       adapter_config.json last (its presence means the upload is whole)
+    4. evaluate on the job's eval split with `cotune evaluate` in a subprocess, upload
+       eval.json (the marker that the round is done)
+
+Evaluation runs the worker role's command rather than importing worker/ (orchestrator/
+never imports worker/): the command line is the contract between the roles, and the
+subprocess frees the model's memory when it exits. `evaluate_base` scores the base model
+alone the same way, once per job (jobs/<job>/base_eval.json), for the model card.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cotune.orchestrator.data.objectstore import ObjectStore
+
+EVAL_FILE = "eval.json"
+MERGE_UPLOAD_ORDER = ("adapter_model.safetensors", "metrics.json", "README.md")
+MERGE_COMPLETE_FILE = "adapter_config.json"  # uploaded last
+EVALUATE_TIMEOUT_S = 4 * 3600.0
+
+
+class MergeFailed(RuntimeError):
+    """The merge or its evaluation failed; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """How a Ray task reaches the object store (Ray runs on a trusted network)."""
+
+    endpoint: str | None
+    bucket: str
+    access_key: str | None
+    secret_key: str | None = field(repr=False)
+    region: str = "us-east-1"
+
+    def open(self) -> ObjectStore:
+        return ObjectStore(
+            self.endpoint, self.bucket, self.access_key, self.secret_key, self.region
+        )
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    key: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class EvalSetup:
+    """What evaluation needs: how to load the base (a TrainTask) and the eval split."""
+
+    task_json: str
+    eval_file: StoredFile
+    models_dir: str | None
+    work_dir: str
+
+
+@dataclass(frozen=True)
+class MergeRequest:
+    job_id: str
+    trial: int
+    round: int
+    adapters: tuple[dict[str, StoredFile], ...]  # per shard: file name -> stored object
+    out_prefix: str
+    method: str
+    rank: int | None
+    density: float | None
+    seed: int
+    evaluation: EvalSetup
+    store: StoreConfig
+
+
+@dataclass(frozen=True)
+class MergeOutcome:
+    job_id: str
+    trial: int
+    round: int
+    merged_prefix: str
+    eval_loss: float
+    eval_tokens: int
+    merged_now: bool  # False when an earlier run had uploaded the merge already
+    seconds: float
+
+
+def merge_and_evaluate(request: MergeRequest) -> MergeOutcome:
+    """Steps 1-4 of the module docstring."""
+    started = time.perf_counter()
+    store = request.store.open()
+    prefix = request.out_prefix
+    done = _read_json(store, prefix + EVAL_FILE)
+    if done is not None:
+        return _outcome(request, done, merged_now=False, started=started)
+    work = Path(request.evaluation.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(
+        prefix=f"merge-{request.trial}-{request.round}-", dir=work
+    ) as tmp:
+        merged = Path(tmp) / "merged"
+        merged_now = not store.exists(prefix + MERGE_COMPLETE_FILE)
+        if merged_now:
+            _merge(request, store, Path(tmp), merged)
+        else:
+            _download_merged(store, prefix, merged)
+        result = run_evaluate(request.evaluation, store, adapter=merged)
+    store.put_bytes(prefix + EVAL_FILE, (json.dumps(result, indent=2) + "\n").encode())
+    return _outcome(request, result, merged_now=merged_now, started=started)
+
+
+def evaluate_base(setup: EvalSetup, store_config: StoreConfig, key: str) -> float:
+    """The base model's eval loss, computed once and kept at `key`."""
+    store = store_config.open()
+    done = _read_json(store, key)
+    if done is None:
+        done = run_evaluate(setup, store, adapter=None)
+        store.put_bytes(key, (json.dumps(done, indent=2) + "\n").encode())
+    return float(done["eval_loss"])
+
+
+def _merge(request: MergeRequest, store: ObjectStore, tmp: Path, merged: Path) -> None:
+    from cotune.orchestrator.merge.base import MergeError
+    from cotune.orchestrator.merge.merger import merge_adapters
+
+    inputs = []
+    for shard, files in enumerate(request.adapters):
+        folder = tmp / f"shard-{shard}"
+        for name, stored in files.items():
+            store.get_file(stored.key, folder / name, expected_sha256=stored.sha256)
+        inputs.append(folder)
+    try:
+        merge_adapters(
+            inputs,
+            merged,
+            method=request.method,
+            rank=request.rank,
+            density=request.density,
+            seed=request.seed,
+        )
+    except MergeError as exc:
+        raise MergeFailed(
+            f"merging trial {request.trial} round {request.round} of {request.job_id}: {exc}"
+        ) from exc
+    names = [n for n in MERGE_UPLOAD_ORDER if (merged / n).is_file()]
+    others = sorted(
+        p.name
+        for p in merged.iterdir()
+        if p.is_file() and p.name not in (*MERGE_UPLOAD_ORDER, MERGE_COMPLETE_FILE)
+    )
+    for name in [*names, *others, MERGE_COMPLETE_FILE]:
+        store.put_file(request.out_prefix + name, merged / name)
+
+
+def _download_merged(store: ObjectStore, prefix: str, folder: Path) -> None:
+    for info in store.list(prefix):
+        name = info.key.removeprefix(prefix)
+        if "/" not in name and name != EVAL_FILE:
+            store.get_file(info.key, folder / name)
+
+
+def run_evaluate(setup: EvalSetup, store: ObjectStore, *, adapter: Path | None) -> dict[str, Any]:
+    """`cotune evaluate` in a subprocess: its result mapping (eval_loss, eval_tokens, ...)."""
+    work = Path(setup.work_dir)
+    eval_file = work / "eval" / f"{setup.eval_file.sha256}-{Path(setup.eval_file.key).name}"
+    if not eval_file.is_file():
+        store.get_file(setup.eval_file.key, eval_file, expected_sha256=setup.eval_file.sha256)
+    with tempfile.TemporaryDirectory(prefix="evaluate-", dir=work) as tmp:
+        task_file = Path(tmp) / "task.json"
+        task_file.write_text(setup.task_json)
+        out = Path(tmp) / "result.json"
+        argv = [sys.executable, "-m", "cotune.orchestrator", "evaluate", "--task", str(task_file)]
+        argv += ["--eval", str(eval_file), "--out", str(out)]
+        argv += ["--adapter", str(adapter)] if adapter is not None else ["--base-only"]
+        if setup.models_dir:
+            argv += ["--models-dir", setup.models_dir]
+        try:
+            proc = subprocess.run(
+                argv, capture_output=True, text=True, timeout=EVALUATE_TIMEOUT_S, check=False
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise MergeFailed(f"cotune evaluate ran past {EVALUATE_TIMEOUT_S:.0f} s") from exc
+        if proc.returncode != 0 or not out.is_file():
+            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+            raise MergeFailed(f"cotune evaluate exited with {proc.returncode}: {tail}")
+        result: dict[str, Any] = json.loads(out.read_text())
+    return result
+
+
+def _read_json(store: ObjectStore, key: str) -> dict[str, Any] | None:
+    if not store.exists(key):
+        return None
+    data: dict[str, Any] = json.loads(store.get_bytes(key))
+    return data
+
+
+def _outcome(
+    request: MergeRequest, result: dict[str, Any], *, merged_now: bool, started: float
+) -> MergeOutcome:
+    return MergeOutcome(
+        job_id=request.job_id,
+        trial=request.trial,
+        round=request.round,
+        merged_prefix=request.out_prefix,
+        eval_loss=float(result["eval_loss"]),
+        eval_tokens=int(result.get("eval_tokens", 0)),
+        merged_now=merged_now,
+        seconds=time.perf_counter() - started,
+    )

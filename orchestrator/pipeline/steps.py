@@ -1,0 +1,400 @@
+"""The reconciler's steps: given a job's state in Redis, take the next step (idempotently).
+
+orchestrator/pipeline/reconciler.py runs the loop and explains the lifecycle and the crash points;
+this module holds the steps themselves: shard, ask trials, advance each trial round by
+round (queue tasks, merge and evaluate, report, prune or go on), tell Optuna, export.
+`JobContext` caches what is derived from Redis (the parsed spec, the manifest, the study)
+and the handles of work in flight on the pool; losing it (a restart) loses nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cotune.orchestrator.control.queue import Queue
+from cotune.orchestrator.control.records import JobRecord, TaskRecord, TrialRecord
+from cotune.orchestrator.data.layout import base_eval_key, data_key, manifest_key, merged_prefix
+from cotune.orchestrator.data.manifest import Manifest, ManifestError
+from cotune.orchestrator.data.sharding import ShardingError
+from cotune.orchestrator.data.shardstore import shard_to_store
+from cotune.orchestrator.pipeline.results import export_best
+from cotune.orchestrator.pipeline.roundmerge import (
+    EvalSetup,
+    MergeOutcome,
+    MergeRequest,
+    StoreConfig,
+    StoredFile,
+    evaluate_base,
+)
+from cotune.orchestrator.pipeline.rounds import round_tasks, start_adapter
+from cotune.orchestrator.pipeline.study import JobStudy, max_concurrent
+from cotune.orchestrator.protocol.spec import SpecError, SweepSpec, parse_spec_yaml
+from cotune.orchestrator.protocol.spec.checks import effective_trials
+from cotune.orchestrator.protocol.states import ENDED_TASK_STATES
+from cotune.orchestrator.protocol.task import TrainTask
+from cotune.orchestrator.protocol.wire import ADAPTER_FILES
+
+if TYPE_CHECKING:
+    from cotune.orchestrator.control.state import State
+    from cotune.orchestrator.data.objectstore import ObjectStore
+    from cotune.orchestrator.pipeline.pool import Pool
+    from cotune.orchestrator.settings import Settings
+
+log = logging.getLogger(__name__)
+
+MERGE_TRIES = 3  # a merge that fails this often fails its trial
+
+
+@dataclass
+class JobContext:
+    """What the reconciler keeps in memory about one job (all of it can be rebuilt)."""
+
+    job_id: str
+    spec: SweepSpec | None = None
+    manifest: Manifest | None = None
+    study: JobStudy | None = None
+    trial_specs: dict[int, SweepSpec] = field(default_factory=dict)
+    merges: dict[tuple[int, int], Any] = field(default_factory=dict)  # in flight
+    merge_failures: dict[tuple[int, int], int] = field(default_factory=dict)
+    base_eval: Any = None
+    base_eval_failed: bool = False
+
+    def close(self) -> None:
+        self.merges.clear()
+
+
+class JobSteps:
+    def __init__(
+        self,
+        state: State,
+        store: ObjectStore,
+        settings: Settings,
+        pool: Pool,
+        *,
+        identity: str,
+        work_dir: Path,
+    ) -> None:
+        self.state = state
+        self.store = store
+        self.settings = settings
+        self.pool = pool
+        self.identity = identity
+        self.work_dir = work_dir
+        self.store_config = StoreConfig(
+            endpoint=store.endpoint_url,
+            bucket=store.bucket,
+            access_key=settings.s3_access_key,
+            secret_key=settings.s3_secret_key,
+            region=settings.s3_region,
+        )
+
+    def advance(self, job: JobRecord, ctx: JobContext) -> None:
+        if job.state == "pending":
+            self.state.transition_job(job.job_id, "sharding", expect=["pending"])
+            job = self.state.get_job(job.job_id)
+        try:
+            if ctx.spec is None:
+                ctx.spec = parse_spec_yaml(job.spec_yaml, f"job {job.job_id} spec")
+        except SpecError as exc:
+            self._fail_job(job, f"the stored spec does not parse: {exc}")
+            return
+        steps = {"sharding": self._shard, "running": self._run, "merging": self._export}
+        # A step that moves the job on is followed by the next one in the same pass.
+        while job.state in steps:
+            steps[job.state](job, ctx)
+            moved = self.state.get_job(job.job_id)
+            if moved.state == job.state:
+                return
+            job = moved
+
+    def demand(self) -> int:
+        """Tasks queued or leased, over every job: what cluster workers could take."""
+        queued = sum(Queue(self.state).depths().values())
+        leased = self.state.leased_count()
+        return queued + leased
+
+    # --- sharding -----------------------------------------------------------------------
+
+    def _shard(self, job: JobRecord, ctx: JobContext) -> None:
+        assert ctx.spec is not None
+        spec = ctx.spec
+        key = manifest_key(job.job_id)
+        try:
+            if self.store.exists(key):  # sharded before a restart: the upload is whole
+                manifest = Manifest.from_json(self.store.get_bytes(key), origin=key)
+            else:
+                manifest = shard_to_store(
+                    spec.dataset.path,
+                    store=self.store,
+                    job_id=job.job_id,
+                    fmt=spec.dataset.format,
+                    shards=spec.dataset.shards,
+                    eval_split=spec.dataset.eval_split,
+                    seed=spec.dataset.seed,
+                    max_bad_rows=spec.dataset.max_bad_rows,
+                )
+        except (ShardingError, ManifestError) as exc:
+            self._fail_job(job, f"sharding {spec.dataset.path}: {exc}", expect="sharding")
+            return
+        self.state.transition_job(
+            job.job_id, "running", expect=["sharding"], manifest_json=manifest.to_json()
+        )
+
+    # --- running ------------------------------------------------------------------------
+
+    def _context(self, job: JobRecord, ctx: JobContext) -> tuple[SweepSpec, Manifest, JobStudy]:
+        assert ctx.spec is not None
+        if ctx.manifest is None:
+            if not job.manifest_json:
+                raise ManifestError(f"job {job.job_id} is running without a manifest")
+            ctx.manifest = Manifest.from_json(job.manifest_json)
+        if ctx.study is None:
+            redis_url = self.settings.redis_url or ""
+            ctx.study = JobStudy.open(
+                redis_url, self.state.keys.optuna(job.job_id), job.job_id, ctx.spec
+            )
+        return ctx.spec, ctx.manifest, ctx.study
+
+    def _run(self, job: JobRecord, ctx: JobContext) -> None:
+        spec, _manifest, study = self._context(job, ctx)
+        self._start_base_eval(job, ctx)
+        trials = {t.number: t for t in self.state.get_trials(job.job_id)}
+        for orphan in study.orphans(set(trials)):
+            log.info(
+                "job %s: adopting trial %d (asked before a restart)", job.job_id, orphan.number
+            )
+            trials[orphan.number] = self.state.put_trial(job.job_id, orphan.number, orphan.params)
+        for trial in trials.values():
+            if trial.state == "running":
+                self._advance_trial(job, ctx, trial)
+        current = self.state.get_trials(job.job_id)
+        self._tell_finished(study, current)
+        running = sum(t.state == "running" for t in current)
+        asked, total = study.asked(), effective_trials(spec)
+        while asked < total and running < max_concurrent(spec):
+            new = study.ask()
+            record = self.state.put_trial(job.job_id, new.number, new.params)
+            self._advance_trial(job, ctx, record)
+            asked, running = asked + 1, running + 1
+        if asked >= total and running == 0 and len(current) >= total:
+            self.state.transition_job(job.job_id, "merging", expect=["running"])
+
+    def _trial_spec(self, ctx: JobContext, trial: TrialRecord) -> SweepSpec:
+        assert ctx.spec is not None
+        if trial.number not in ctx.trial_specs:
+            ctx.trial_specs[trial.number] = ctx.spec.with_params(trial.params)
+        return ctx.trial_specs[trial.number]
+
+    def _advance_trial(self, job: JobRecord, ctx: JobContext, trial: TrialRecord) -> None:
+        spec, manifest, study = self._context(job, ctx)
+        n, number = trial.rounds_done, trial.number
+        if n >= spec.rounds:
+            self._finish_trial(study, job.job_id, number, "complete", trial.eval_losses[-1])
+            return
+        tasks = self.state.tasks_for(job.job_id, number, n)
+        if not tasks and n > 0:
+            # The decision point after round n-1: made only while round n has no task.
+            study.report(number, n - 1, trial.eval_losses[n - 1])
+            if study.should_prune(number):
+                self._finish_trial(study, job.job_id, number, "pruned")
+                return
+        if len(tasks) < len(manifest.shards):
+            self._enqueue_round(job, ctx, trial, n)
+            return
+        if any(t.state in ENDED_TASK_STATES for t in tasks):
+            return  # the task's failure failed the trial too (scripts.py, `settle`)
+        if all(t.state == "accepted" for t in tasks):
+            self._merge_round(job, ctx, trial, n, tasks)
+
+    def _enqueue_round(self, job: JobRecord, ctx: JobContext, trial: TrialRecord, n: int) -> None:
+        assert ctx.manifest is not None
+        start = start_adapter(self.store, job.job_id, trial.number, n - 1) if n > 0 else None
+        for task in round_tasks(
+            job_id=job.job_id,
+            trial_spec=self._trial_spec(ctx, trial),
+            manifest=ctx.manifest,
+            trial=trial.number,
+            round=n,
+            start=start,
+            max_attempts=self.settings.max_attempts,
+            store=self.store,
+        ):
+            self.state.enqueue_task(task)  # a no-op for a task queued before a restart
+
+    def _merge_round(
+        self, job: JobRecord, ctx: JobContext, trial: TrialRecord, n: int, tasks: list[TaskRecord]
+    ) -> None:
+        assert ctx.study is not None
+        number, where = trial.number, (trial.number, n)
+        merge = self.state.get_merge(job.job_id, number, n)
+        if merge is not None:
+            loss = float(merge["eval_loss"])
+        else:
+            outcome = self._merge_outcome(job, ctx, trial, n, tasks)
+            if outcome is None:
+                return
+            self.state.record_merge(job.job_id, number, n, outcome.merged_prefix, outcome.eval_loss)
+            loss = outcome.eval_loss
+            ctx.merge_failures.pop(where, None)
+        ctx.study.report(number, n, loss)
+        self.state.record_round(job.job_id, number, n, loss)
+
+    def _merge_outcome(
+        self, job: JobRecord, ctx: JobContext, trial: TrialRecord, n: int, tasks: list[TaskRecord]
+    ) -> MergeOutcome | None:
+        where = (trial.number, n)
+        handle = ctx.merges.get(where)
+        if handle is None:
+            if not self.state.claim_merge(job.job_id, trial.number, n, self.identity):
+                return None  # another coordinator merges it; its record_merge will show
+            ctx.merges[where] = self.pool.submit_merge(
+                self._merge_request(job, ctx, trial, n, tasks)
+            )
+            return None
+        done, outcome, error = self.pool.poll(handle)
+        if not done:
+            return None
+        del ctx.merges[where]
+        if error is not None:
+            tries = ctx.merge_failures[where] = ctx.merge_failures.get(where, 0) + 1
+            why = f"merge of trial {trial.number} round {n}: {error}"
+            log.warning("job %s: %s (try %d of %d)", job.job_id, why, tries, MERGE_TRIES)
+            self.state.emit(job.job_id, "merge_failed", trial=trial.number, round=n, error=why)
+            if tries >= MERGE_TRIES:
+                assert ctx.study is not None
+                self._finish_trial(ctx.study, job.job_id, trial.number, "failed", error=why)
+            return None
+        assert isinstance(outcome, MergeOutcome)
+        return outcome
+
+    def _merge_request(
+        self, job: JobRecord, ctx: JobContext, trial: TrialRecord, n: int, tasks: list[TaskRecord]
+    ) -> MergeRequest:
+        spec = self._trial_spec(ctx, trial)
+        adapters = []
+        for task in tasks:
+            result = task.result()
+            if result is None:
+                raise RuntimeError(f"task {task.task_id} is accepted without a result")
+            adapters.append(
+                {
+                    name: StoredFile(ref.key, ref.sha256)
+                    for name, ref in result.artifacts.items()
+                    if name in ADAPTER_FILES
+                }
+            )
+        return MergeRequest(
+            job_id=job.job_id,
+            trial=trial.number,
+            round=n,
+            adapters=tuple(adapters),
+            out_prefix=merged_prefix(job.job_id, trial.number, n),
+            method=spec.merge.method,
+            rank=spec.merge.rank,
+            density=spec.merge.density,
+            seed=spec.training.seed,
+            evaluation=self._eval_setup(ctx, tasks[0].task_json),
+            store=self.store_config,
+        )
+
+    def _eval_setup(self, ctx: JobContext, task_json: str) -> EvalSetup:
+        assert ctx.manifest is not None
+        split = ctx.manifest.eval
+        return EvalSetup(
+            task_json=task_json,
+            eval_file=StoredFile(data_key(ctx.job_id, split.name), split.sha256),
+            models_dir=str(self.settings.home / "models"),
+            work_dir=str(self.work_dir / ctx.job_id),
+        )
+
+    def _finish_trial(
+        self,
+        study: JobStudy,
+        job_id: str,
+        number: int,
+        to: str,
+        value: float | None = None,
+        error: str | None = None,
+    ) -> None:
+        """Record the end in Redis first (the decision), then tell Optuna."""
+        record = self.state.finish_trial(job_id, number, to, error=error)  # type: ignore[arg-type]
+        self._tell_finished(study, [record])
+
+    def _tell_finished(self, study: JobStudy, trials: list[TrialRecord]) -> None:
+        for trial in trials:
+            if trial.state == "running" or study.state_of(trial.number) != "running":
+                continue
+            if trial.state == "complete":
+                study.tell(trial.number, "complete", trial.eval_losses[-1])
+            else:
+                study.tell(trial.number, "pruned" if trial.state == "pruned" else "failed")
+
+    # --- the base model's loss, for the model card --------------------------------------
+
+    def _base_setup(self, ctx: JobContext) -> EvalSetup:
+        assert ctx.spec is not None
+        task = TrainTask.from_spec(ctx.spec.with_params({}))
+        return self._eval_setup(ctx, task.model_dump_json())
+
+    def _start_base_eval(self, job: JobRecord, ctx: JobContext) -> None:
+        if ctx.base_eval is not None or ctx.base_eval_failed:
+            return
+        key = base_eval_key(job.job_id)
+        if self.store.exists(key):
+            return
+        ctx.base_eval = self.pool.submit_call(
+            evaluate_base, self._base_setup(ctx), self.store_config, key
+        )
+
+    def _base_loss(self, job: JobRecord, ctx: JobContext) -> tuple[bool, float | None]:
+        """(known yet, loss): the base eval loss, or None if it could not be computed."""
+        key = base_eval_key(job.job_id)
+        if ctx.base_eval is None and not ctx.base_eval_failed and not self.store.exists(key):
+            self._start_base_eval(job, ctx)
+        if ctx.base_eval is not None:
+            done, loss, error = self.pool.poll(ctx.base_eval)
+            if not done:
+                return False, None
+            ctx.base_eval = None
+            if error is not None:
+                log.warning("job %s: base model evaluation failed: %s", job.job_id, error)
+                ctx.base_eval_failed = True
+                return True, None
+            return True, float(loss)
+        if ctx.base_eval_failed:
+            return True, None
+        import json
+
+        return True, float(json.loads(self.store.get_bytes(key))["eval_loss"])
+
+    # --- the end ------------------------------------------------------------------------
+
+    def _export(self, job: JobRecord, ctx: JobContext) -> None:
+        spec, manifest, _study = self._context(job, ctx)
+        known, base_loss = self._base_loss(job, ctx)
+        if not known:
+            return
+        trials = self.state.get_trials(job.job_id)
+        tasks = self.state.tasks_of(job.job_id)
+        best = export_best(
+            self.store,
+            job=job,
+            spec=spec,
+            manifest=manifest,
+            trials=trials,
+            tasks=tasks,
+            base_eval_loss=base_loss,
+        )
+        if best is None:
+            summary = "; ".join(f"trial {t.number} {t.state}" for t in trials) or "no trials"
+            self._fail_job(job, f"no trial completed ({summary})", expect="merging")
+            return
+        self.state.transition_job(job.job_id, "succeeded", expect=["merging"], best_trial=best)
+
+    def _fail_job(self, job: JobRecord, error: str, expect: str | None = None) -> None:
+        log.error("job %s failed: %s", job.job_id, error)
+        states = [expect] if expect else ["pending", "sharding", "running", "merging"]
+        self.state.transition_job(job.job_id, "failed", expect=states, error=error)  # type: ignore[arg-type]

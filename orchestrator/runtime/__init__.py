@@ -1,0 +1,1 @@
+"""Processes: the coordinator process, the API server, the Ray pool, the embedded stack."""

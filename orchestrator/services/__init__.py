@@ -1,6 +1,0 @@
-"""The embedded services cotune runs itself: supervised redis-server and `weed` processes.
-
-`process` supervises one child (log file, readiness wait, stop without orphans); `redis_server`
-and `seaweed_server` configure the two services; `credentials` and `stackfile` hold the state
-`orchestrator.stack` keeps in a home folder. Everything here needs the coordinator extra.
-"""
