@@ -30,6 +30,7 @@ RANKS: dict[str, int] = {
     "settings": 0,
     "protocol": 0,
     "merge": 0,
+    "verify": 1,
     "data": 1,
     "control": 2,
     "pipeline": 3,
@@ -136,6 +137,8 @@ def layer_violations(edges: dict[str, set[str]]) -> list[str]:
                 continue
             if src_room == "merge":
                 bad.append(f"{src} -> {dep} (merge/ is a library: it imports no other room)")
+            elif src_room == "verify" and dep_room not in ("protocol", "merge"):
+                bad.append(f"{src} -> {dep} (verify/ is a library: only protocol and merge)")
             elif dep_room == "runtime" and src_room == "api":
                 bad.append(f"{src} -> {dep} (runtime composes the api, not the reverse)")
             elif RANKS[dep_room] > RANKS[src_room]:
