@@ -38,6 +38,37 @@ class Settings:
     heartbeat_interval_s: float = 10.0
     # Failed attempts (expired, failed, rejected) before a task fails (COTUNE_MAX_ATTEMPTS).
     max_attempts: int = 3
+    # A lease ends at this age whatever its heartbeats say (COTUNE_LEASE_MAX_AGE_S): nobody
+    # holds a task forever; the next attempt resumes from the latest checkpoint.
+    lease_max_age_s: float = 6 * 3600.0
+    # A worker token unused this long stops working (COTUNE_WORKER_TOKEN_TTL_S); each call
+    # renews it, so only an abandoned worker has to enroll again.
+    worker_token_ttl_s: float = 24 * 3600.0
+    # Each worker token may make this many calls a second, in bursts of up to
+    # worker_rate_burst (COTUNE_WORKER_RATE_PER_S, COTUNE_WORKER_RATE_BURST): far above what an
+    # honest worker needs (a heartbeat every few seconds), so only a flood hears 429.
+    worker_rate_per_s: float = 20.0
+    worker_rate_burst: float = 60.0
+    # Strikes (rejected results, forgeries) that quarantine a volunteer owner: its workers get
+    # no more work and their active leases are revoked (COTUNE_MAX_STRIKES; docs/security.md).
+    max_strikes: float = 3.0
+
+    def __post_init__(self) -> None:
+        if self.max_strikes < 1:
+            raise ValueError(
+                f"{ENV_PREFIX}MAX_STRIKES must be >= 1 (one strike at least before a "
+                f"quarantine), got {self.max_strikes:g}"
+            )
+        if self.worker_rate_burst < 1:
+            raise ValueError(
+                f"{ENV_PREFIX}WORKER_RATE_BURST must be >= 1 (one call at least), "
+                f"got {self.worker_rate_burst:g}"
+            )
+        if self.worker_token_ttl_s <= 60:
+            raise ValueError(
+                f"{ENV_PREFIX}WORKER_TOKEN_TTL_S must be over 60 s (a token is renewed at most "
+                f"once a minute), got {self.worker_token_ttl_s:g}"
+            )
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:
@@ -61,6 +92,19 @@ class Settings:
                 "HEARTBEAT_INTERVAL_S", _env(ENV_PREFIX + "HEARTBEAT_INTERVAL_S"), 10.0
             ),
             max_attempts=int(_positive("MAX_ATTEMPTS", _env(ENV_PREFIX + "MAX_ATTEMPTS"), 3)),
+            lease_max_age_s=_positive(
+                "LEASE_MAX_AGE_S", _env(ENV_PREFIX + "LEASE_MAX_AGE_S"), 6 * 3600.0
+            ),
+            worker_token_ttl_s=_positive(
+                "WORKER_TOKEN_TTL_S", _env(ENV_PREFIX + "WORKER_TOKEN_TTL_S"), 24 * 3600.0
+            ),
+            worker_rate_per_s=_positive(
+                "WORKER_RATE_PER_S", _env(ENV_PREFIX + "WORKER_RATE_PER_S"), 20.0
+            ),
+            worker_rate_burst=_positive(
+                "WORKER_RATE_BURST", _env(ENV_PREFIX + "WORKER_RATE_BURST"), 60.0
+            ),
+            max_strikes=_positive("MAX_STRIKES", _env(ENV_PREFIX + "MAX_STRIKES"), 3.0),
         )
         given = {k: v for k, v in overrides.items() if v is not None}
         if "home" in given:

@@ -1,7 +1,8 @@
 """The worker's HTTP client for the coordinator's `/v1/workers` endpoints, with retry/backoff.
 
 Transport errors and 429/5xx answers are retried with exponential backoff and jitter until
-the caller's deadline (`retry_for_s`); every other error answer raises at once, as the
+the caller's deadline (`retry_for_s`), never sooner than an answer's Retry-After (a rate
+limit's 429 says how long); every other error answer raises at once, as the
 `CoordinatorError` subclass that says what the worker should do about it.
 """
 
@@ -61,10 +62,17 @@ class Unreachable(CoordinatorError):
     """
 
     def __init__(
-        self, message: str, *, reason: str, status: int | None = None, code: str | None = None
+        self,
+        message: str,
+        *,
+        reason: str,
+        status: int | None = None,
+        code: str | None = None,
+        retry_after_s: float | None = None,
     ) -> None:
         super().__init__(message, status=status, code=code)
         self.reason = reason
+        self.retry_after_s = retry_after_s  # the answer's Retry-After (429, 503), if any
 
 
 class Refused(CoordinatorError):
@@ -203,8 +211,10 @@ class CoordinatorClient:
                 remaining = give_up_at - time.monotonic()
                 if remaining <= 0:
                     raise
-                # Jitter keeps a fleet of workers from retrying in lockstep after an outage.
-                pause = min(delay * (0.5 + random.random()), delay_max, remaining)
+                # Jitter keeps a fleet of workers from retrying in lockstep after an outage;
+                # a Retry-After (a rate limit's 429) is the least wait the coordinator asked.
+                pause = min(delay * (0.5 + random.random()), delay_max)
+                pause = min(max(pause, error.retry_after_s or 0.0), remaining)
                 # One line per attempt (the backoff spaces them): a worker that waits on a
                 # coordinator says on what, and until when.
                 log.warning(
@@ -249,7 +259,8 @@ class CoordinatorClient:
         text = f"{path}: HTTP {status} {code}: {message}"
         if status in _RETRY_STATUS:
             reason = f"HTTP {status} {code}: {message}"
-            raise Unreachable(text, reason=reason, status=status, code=code)
+            wait = _retry_after(response)
+            raise Unreachable(text, reason=reason, status=status, code=code, retry_after_s=wait)
         if status in (401, 403):
             raise Refused(text, status=status, code=code)
         if status in (404, 409, 410):
@@ -258,6 +269,14 @@ class CoordinatorClient:
 
 
 _JSON = {"Content-Type": "application/json", "Accept": "application/json"}
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """The Retry-After header in seconds (the delay form; an HTTP date is ignored)."""
+    try:
+        return max(float(response.headers.get("retry-after", "")), 0.0)
+    except ValueError:
+        return None
 
 
 def _transport_reason(error: httpx.TransportError) -> str:

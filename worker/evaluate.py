@@ -9,7 +9,8 @@ puts the adapter on it, and writes the token-weighted mean cross-entropy to a JS
     cotune evaluate --task task.json --base-only --eval eval.jsonl.zst --out base.json
 
 result.json: {"eval_loss": 2.31, "eval_tokens": 1520, "examples": 40, "seconds": 3.2,
-"adapter": "merged/" or null}. Exit codes: 0 done, 1 evaluation failed, 2 bad input.
+"adapter": "merged/" or null, "base_model": the folder (or hub id) the base loaded from}.
+Exit codes: 0 done, 1 evaluation failed, 2 bad input.
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ def evaluate(options: EvaluateOptions, task: TrainTask) -> dict[str, object]:
     )
     if not examples:
         raise TrainingError(f"--eval {options.eval_file}: no usable rows")
+    base_location = str(model.name_or_path)  # the folder (or hub id) the base came from
     if options.adapter is not None:
         from peft import PeftModel
 
@@ -97,6 +99,7 @@ def evaluate(options: EvaluateOptions, task: TrainTask) -> dict[str, object]:
         "examples": len(examples),
         "seconds": round(time.perf_counter() - started, 3),
         "adapter": str(options.adapter) if options.adapter is not None else None,
+        "base_model": base_location,
     }
 
 

@@ -1,4 +1,5 @@
-"""The coordinator's HTTP API (FastAPI, `/v1`): jobs, workers, tokens, leaderboard, health.
+"""The coordinator's HTTP API (FastAPI, `/v1`): jobs, workers, tokens, owners,
+leaderboard, health.
 
     context = ApiContext.from_settings(settings)
     app = create_app(context)                 # runtime/apiserver.py serves it with uvicorn

@@ -1,4 +1,5 @@
-"""The FastAPI app: routes, error answers, health probes, and the lease reclaimer.
+"""The FastAPI app: routes, error answers, body size limits, health probes, and the lease
+reclaimer.
 
 `create_app(coordinator)` builds it; while it runs (its lifespan), a background task ends
 overdue leases every `coordinator.reclaim_interval_s` seconds so their tasks go back to the
@@ -13,9 +14,16 @@ import logging
 from collections.abc import AsyncIterator
 from importlib.metadata import PackageNotFoundError, version
 
-from cotune.orchestrator.api import errors, routes_jobs, routes_tokens, routes_workers
+from cotune.orchestrator.api import (
+    errors,
+    routes_jobs,
+    routes_owners,
+    routes_tokens,
+    routes_workers,
+)
 from cotune.orchestrator.api.auth import CoordinatorDep
 from cotune.orchestrator.api.context import ApiContext
+from cotune.orchestrator.api.limits import BodyLimit
 from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse
 
@@ -54,14 +62,18 @@ def create_app(coordinator: ApiContext) -> FastAPI:
     app = FastAPI(
         title="cotune coordinator",
         version=_version(),
-        description="Distributed community fine-tuning: jobs, workers, tokens (docs/api.md).",
+        description=(
+            "Distributed community fine-tuning: jobs, workers, tokens, owners (docs/api.md)."
+        ),
         lifespan=lifespan,
     )
     app.state.coordinator = coordinator
     errors.install(app)
+    app.add_middleware(BodyLimit)
     app.include_router(routes_jobs.router)
     app.include_router(routes_workers.router)
     app.include_router(routes_tokens.router)
+    app.include_router(routes_owners.router)
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, bool]:

@@ -1,11 +1,13 @@
-"""Who may call what: the admin token for jobs, tokens and the worker list; a worker's own
-token for its endpoints (orchestrator/control/workers.py checks it). Both are bearer tokens."""
+"""Who may call what: the admin token for jobs, tokens, owners and the worker list; a worker's
+own token for its endpoints (orchestrator/control/workers.py checks and renews it; its calls
+are rate limited: api/limits.py). Both are bearer tokens."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
 from cotune.orchestrator.api.context import ApiContext
+from cotune.orchestrator.api.limits import check_rate
 from cotune.orchestrator.control.tokens import token_matches
 from cotune.orchestrator.control.workers import WorkerRecord
 from cotune.orchestrator.protocol.problems import Unauthorized
@@ -38,7 +40,11 @@ def require_admin(request: Request) -> None:
 def authenticated_worker(
     request: Request, worker_id: Annotated[str, Path(pattern=ID_PATTERN)]
 ) -> WorkerRecord:
-    return coordinator(request).workers.authenticate(worker_id, bearer(request))
+    """The calling worker (its token checked and renewed), within its rate limit."""
+    context = coordinator(request)
+    worker = context.workers.authenticate(worker_id, bearer(request))
+    check_rate(context, worker.worker_id)
+    return worker
 
 
 Admin = Depends(require_admin)

@@ -1,4 +1,5 @@
-"""The context every API route works in: Redis state, leases, workers, the store, settings."""
+"""The context every API route works in: Redis state, leases, workers, strikes, the store,
+settings."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from cotune.orchestrator.control.leases import Leases
 from cotune.orchestrator.control.state import State, connect
+from cotune.orchestrator.control.strikes import Strikes
 from cotune.orchestrator.control.tokens import load_or_create_admin_token, token_hash
 from cotune.orchestrator.control.workers import Workers
 
@@ -49,7 +51,7 @@ class ApiContext:
             state=state,
             store=store,
             leases=Leases(state, store, settings, retry_after_s=retry_after_s),
-            workers=Workers(state),
+            workers=Workers(state, token_ttl_s=settings.worker_token_ttl_s),
             admin_token_sha256=token_hash(admin_token),
             reclaim_interval_s=reclaim_interval_s,
         )
@@ -70,6 +72,12 @@ class ApiContext:
         store = ObjectStore.from_settings(settings)
         admin = settings.admin_token or load_or_create_admin_token(settings.home)
         return cls.create(settings, connect(settings.redis_url), store, admin, **options)
+
+    @property
+    def strikes(self) -> Strikes:
+        """Strikes and quarantine, at the limit of the settings (COTUNE_MAX_STRIKES): the
+        same object the leases strike with."""
+        return self.leases.strikes
 
     def store_for(self, bucket: str | None) -> ObjectStore:
         """The coordinator's store, or one on another bucket of the same S3 (same keys)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from cotune.orchestrator.protocol.problems import Problem
@@ -23,6 +24,8 @@ STATUS: dict[str, int] = {
     "lease_expired": 409,
     "stale_lease": 409,
     "rejected": 422,
+    "too_large": 413,
+    "rate_limited": 429,
     "unavailable": 503,
 }
 
@@ -33,6 +36,7 @@ def error_response(
     field: str | None = None,
     issues: list[tuple[str, str]] | None = None,
     status: int | None = None,
+    retry_after_s: float | None = None,
 ) -> JSONResponse:
     body = ErrorBody(
         error=ErrorDetail(
@@ -42,7 +46,9 @@ def error_response(
             issues=[ErrorIssue(field=f, message=m) for f, m in issues] if issues else None,
         )
     )
-    headers = {"WWW-Authenticate": "Bearer"} if code == "unauthorized" else None
+    headers = {"WWW-Authenticate": "Bearer"} if code == "unauthorized" else {}
+    if retry_after_s is not None:  # whole seconds (RFC 9110), never 0: "now" would spin
+        headers["Retry-After"] = str(max(math.ceil(retry_after_s), 1))
     return JSONResponse(
         status_code=status or STATUS[code],
         content=body.model_dump(mode="json", exclude_none=True),
@@ -58,7 +64,10 @@ def _location(loc: Any) -> str | None:
 def install(app: FastAPI) -> None:
     @app.exception_handler(Problem)
     async def problem(request: Request, exc: Problem) -> JSONResponse:
-        return error_response(exc.code, exc.message, exc.field, exc.issues)
+        retry_after = getattr(exc, "retry_after_s", None)
+        return error_response(
+            exc.code, exc.message, exc.field, exc.issues, retry_after_s=retry_after
+        )
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -72,6 +81,8 @@ def install(app: FastAPI) -> None:
         if exc.status_code == 404:
             return error_response("not_found", f"no route {request.url.path}")
         code: ErrorCode = "unavailable" if exc.status_code >= 500 else "invalid_request"
+        if exc.status_code == 413:  # api/limits.py: a body over its route's limit
+            code = "too_large"
         return error_response(code, str(exc.detail), status=exc.status_code)
 
     @app.exception_handler(Exception)

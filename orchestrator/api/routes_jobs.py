@@ -186,7 +186,9 @@ def _stored_sha256(c: ApiContext, key: str) -> str:
 
 
 def _counts(tasks: list[TaskRecord]) -> TaskCounts:
-    return TaskCounts.model_validate(dict(Counter(t.state for t in tasks)))
+    """The shard tasks by state (redundancy duplicates are runs of them, not tasks)."""
+    shards = (t.state for t in tasks if t.duplicate_of is None)
+    return TaskCounts.model_validate(dict(Counter(shards)))
 
 
 def _summary(c: ApiContext, job: JobRecord, tasks: list[TaskRecord]) -> JobSummary:
@@ -225,4 +227,5 @@ def _task_view(t: TaskRecord) -> TaskView:
         max_steps=t.max_steps,
         loss=t.loss,
         error=t.error,
+        duplicate_of=t.duplicate_of,
     )

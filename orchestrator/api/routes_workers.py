@@ -46,11 +46,9 @@ def enroll(body: EnrollRequest, c: CoordinatorDep) -> EnrollResponse:
 
 @router.post(LEASE_PATH)
 def lease(body: LeaseRequest, worker: WorkerDep, c: CoordinatorDep) -> LeaseResponse:
-    """The next task that fits, or how long to wait before asking again."""
-    task = c.leases.lease(worker.worker_id, body.capabilities)
-    if task is None:
-        return LeaseResponse(retry_after_s=c.leases.retry_after_s)
-    return LeaseResponse(task=task)
+    """The next task that fits, or how long to wait before asking again (with the reason
+    when the worker already holds as many leases as it may: one per GPU)."""
+    return c.leases.offer(worker.worker_id, body.capabilities)
 
 
 @router.post(HEARTBEAT_PATH)

@@ -69,15 +69,25 @@ WorkersOption = typer.Option(
 
 
 @app.command()
-def up(home: Path | None = HomeOption, workers: int | None = WorkersOption) -> None:
+def up(
+    home: Path | None = HomeOption,
+    workers: int | None = WorkersOption,
+    stack_only: bool = typer.Option(
+        False,
+        "--stack-only",
+        help="Run only Redis and S3 (restarted if they die); run `cotune coordinator` apart.",
+    ),
+) -> None:
     """Run the embedded stack (Redis, S3), Ray, the API and local workers until Ctrl-C.
+
+    A Redis or S3 server that dies is restarted from its data on the same port.
 
     Example: cotune up --home /tmp/cotune --workers 2
     """
-    from cotune.orchestrator.runtime.stack import run_up
+    from cotune.orchestrator.runtime.up import run_up
     from cotune.orchestrator.settings import Settings
 
-    raise typer.Exit(run_up(Settings.from_env(home=home), workers))
+    raise typer.Exit(run_up(Settings.from_env(home=home), workers, coordinator=not stack_only))
 
 
 @app.command()
@@ -271,7 +281,9 @@ def leaderboard(
     raise typer.Exit(leaderboard_command(_conn(coordinator, token, home)))
 
 
-token_app = typer.Typer(no_args_is_help=True, help="Create tokens (join tokens for volunteers).")
+token_app = typer.Typer(
+    no_args_is_help=True, help="Join tokens for volunteers: create, list, revoke."
+)
 app.add_typer(token_app, name="token")
 
 
@@ -281,18 +293,103 @@ def token_create(
     name: str = typer.Option("volunteer", "--name", help="Contributor credited for the work."),
     kind: str = typer.Option("volunteer", "--kind", help="volunteer | cluster"),
     ttl: float | None = typer.Option(None, "--ttl", help="Seconds until it expires [never]."),
+    max_uses: int | None = typer.Option(
+        None, "--max-uses", min=1, help="Workers it may enroll at most [no limit]."
+    ),
     coordinator: str | None = CoordinatorOption,
     token: str | None = TokenOption,
     home: Path | None = HomeOption,
 ) -> None:
     """Create a join token; the volunteer's command line is printed with it.
 
-    Example: cotune token create --join --name alice
+    Example: cotune token create --join --name alice --ttl 86400 --max-uses 4
     """
     from cotune.orchestrator.cli.jobs import token_create_command
 
     conn = _conn(coordinator, token, home)
-    raise typer.Exit(token_create_command(conn, join, name, kind, ttl))
+    raise typer.Exit(token_create_command(conn, join, name, kind, ttl, max_uses))
+
+
+@token_app.command("list")
+def token_list(
+    coordinator: str | None = CoordinatorOption,
+    token: str | None = TokenOption,
+    home: Path | None = HomeOption,
+) -> None:
+    """Every join token: name, kind, created, expiry, uses, revoked (never the token)."""
+    from cotune.orchestrator.cli.jobs import token_list_command
+
+    raise typer.Exit(token_list_command(_conn(coordinator, token, home)))
+
+
+@token_app.command("revoke")
+def token_revoke(
+    name: str = typer.Argument(..., help="The contributor name the tokens were created for."),
+    coordinator: str | None = CoordinatorOption,
+    token: str | None = TokenOption,
+    home: Path | None = HomeOption,
+) -> None:
+    """Revoke every join token of NAME and the worker tokens enrolled with them: those
+    workers are refused from their next call and their leases go back to the queue.
+
+    Example: cotune token revoke alice
+    """
+    from cotune.orchestrator.cli.jobs import token_revoke_command
+
+    raise typer.Exit(token_revoke_command(_conn(coordinator, token, home), name))
+
+
+owner_app = typer.Typer(
+    no_args_is_help=True,
+    help="Owners (join token names) and their strikes: list, quarantine, pardon.",
+)
+app.add_typer(owner_app, name="owner")
+OwnerName = typer.Argument(..., help="The owner: the name its join tokens were created for.")
+
+
+@owner_app.command("list")
+def owner_list(
+    coordinator: str | None = CoordinatorOption,
+    token: str | None = TokenOption,
+    home: Path | None = HomeOption,
+) -> None:
+    """Every owner with a worker, a strike or a quarantine: strikes, quarantined, workers."""
+    from cotune.orchestrator.cli.owners import owner_list_command
+
+    raise typer.Exit(owner_list_command(_conn(coordinator, token, home)))
+
+
+@owner_app.command("quarantine")
+def owner_quarantine(
+    name: str = OwnerName,
+    coordinator: str | None = CoordinatorOption,
+    token: str | None = TokenOption,
+    home: Path | None = HomeOption,
+) -> None:
+    """Quarantine NAME now: its workers get no more work and their active leases go back to
+    the queue. A name no join token has yet is banned in advance.
+
+    Example: cotune owner quarantine mallory
+    """
+    from cotune.orchestrator.cli.owners import owner_quarantine_command
+
+    raise typer.Exit(owner_quarantine_command(_conn(coordinator, token, home), name))
+
+
+@owner_app.command("pardon")
+def owner_pardon(
+    name: str = OwnerName,
+    coordinator: str | None = CoordinatorOption,
+    token: str | None = TokenOption,
+    home: Path | None = HomeOption,
+) -> None:
+    """Clear NAME's strikes and lift its quarantine: its workers may lease again at once.
+
+    Example: cotune owner pardon mallory
+    """
+    from cotune.orchestrator.cli.owners import owner_pardon_command
+
+    raise typer.Exit(owner_pardon_command(_conn(coordinator, token, home), name))
 
 
 def _load_plugins() -> None:

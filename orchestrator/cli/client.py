@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from types import TracebackType
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import httpx
 from cotune.orchestrator.protocol.admin import (
@@ -29,10 +30,16 @@ from cotune.orchestrator.protocol.admin import (
     JobDetail,
     JobList,
     JobSummary,
+    JoinTokenList,
     JoinTokenRequest,
     JoinTokenResponse,
+    JoinTokenRevoked,
+    JoinTokenView,
     Leaderboard,
     LeaderboardEntry,
+    OwnerList,
+    OwnerPardoned,
+    OwnerQuarantined,
     SubmitResponse,
     TrialList,
     TrialView,
@@ -41,6 +48,7 @@ from cotune.orchestrator.protocol.admin import (
 )
 from cotune.orchestrator.protocol.wire import API_PREFIX, ErrorBody
 from pydantic import BaseModel, ValidationError
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 M = TypeVar("M", bound=BaseModel)
 _CHUNK = 1 << 20
@@ -186,40 +194,29 @@ class CotuneClient:
                 raise ApiError(0, "rejected", f"unsafe file name {item.name!r} in the listing")
             target = out_dir.joinpath(*parts)
             target.parent.mkdir(parents=True, exist_ok=True)
-            partial = target.with_name(f".{target.name}.part")
-            digest = hashlib.sha256()
-            try:
-                with httpx.stream("GET", item.url, timeout=60.0) as response:
-                    if response.status_code != 200:
-                        raise ApiError(
-                            response.status_code,
-                            "unavailable",
-                            f"download of {item.name} failed: HTTP {response.status_code}",
-                        )
-                    with partial.open("wb") as out:
-                        for chunk in response.iter_bytes(_CHUNK):
-                            digest.update(chunk)
-                            out.write(chunk)
-                if digest.hexdigest() != item.sha256:
-                    raise ApiError(
-                        0,
-                        "rejected",
-                        f"{item.name}: sha256 {digest.hexdigest()}, expected {item.sha256}",
-                    )
-                os.replace(partial, target)
-            except httpx.TransportError as exc:
-                raise ApiError(0, "unavailable", f"download of {item.name}: {exc}") from exc
-            finally:
-                partial.unlink(missing_ok=True)
+            for attempt in Retrying(
+                stop=stop_after_attempt(DOWNLOAD_TRIES),
+                wait=wait_exponential(multiplier=0.5, max=8.0),
+                retry=retry_if_exception(_transient),
+                reraise=True,
+            ):
+                with attempt:
+                    _fetch(item.url, item.name, item.sha256, target)
             written.append(target)
         return written
 
     # --- workers, tokens --------------------------------------------------------------------
 
     def create_join_token(
-        self, name: str = "volunteer", kind: str = "volunteer", ttl_s: float | None = None
+        self,
+        name: str = "volunteer",
+        kind: str = "volunteer",
+        ttl_s: float | None = None,
+        max_uses: int | None = None,
     ) -> JoinTokenResponse:
-        body = JoinTokenRequest.model_validate({"name": name, "kind": kind, "ttl_s": ttl_s})
+        body = JoinTokenRequest.model_validate(
+            {"name": name, "kind": kind, "ttl_s": ttl_s, "max_uses": max_uses}
+        )
         answer = self._call(
             "POST",
             "/tokens/join",
@@ -228,11 +225,36 @@ class CotuneClient:
         )
         return _parse(JoinTokenResponse, answer)
 
+    def join_tokens(self) -> list[JoinTokenView]:
+        """Every join token on record (never the tokens themselves)."""
+        return self._get("/tokens/join", JoinTokenList).tokens
+
+    def revoke_join_tokens(self, name: str) -> JoinTokenRevoked:
+        """Revoke every join token of `name` and the worker tokens enrolled with them."""
+        answer = self._call("DELETE", f"/tokens/join/{quote(name, safe='')}")
+        return _parse(JoinTokenRevoked, answer)
+
     def workers(self) -> list[WorkerView]:
         return self._get("/workers", WorkerList).workers
 
     def leaderboard(self, limit: int = 100) -> list[LeaderboardEntry]:
         return self._get("/leaderboard", Leaderboard, params={"limit": limit}).entries
+
+    # --- owners: strikes and quarantine -----------------------------------------------------
+
+    def owners(self) -> OwnerList:
+        """Every owner with a worker, a strike or a quarantine, and the strike limit."""
+        return self._get("/owners", OwnerList)
+
+    def quarantine_owner(self, name: str) -> OwnerQuarantined:
+        """Quarantine `name` now (a name no join token has yet is banned in advance)."""
+        answer = self._call("POST", f"/owners/{quote(name, safe='')}/quarantine")
+        return _parse(OwnerQuarantined, answer)
+
+    def pardon_owner(self, name: str) -> OwnerPardoned:
+        """Clear the strikes of `name` and lift its quarantine (404: neither to lift)."""
+        answer = self._call("DELETE", f"/owners/{quote(name, safe='')}/quarantine")
+        return _parse(OwnerPardoned, answer)
 
     # --- transport --------------------------------------------------------------------------
 
@@ -285,3 +307,40 @@ def _sse(lines: Iterator[str]) -> Iterator[EventBody]:
         # id:, event:, retry: and ": ping" comments add nothing the data does not hold
     if data:
         yield EventBody.model_validate_json("\n".join(data))
+
+
+#: Tries per file of `download`: a dropped connection, a 5xx or a corrupted transfer is
+#: fetched again (with backoff), a 4xx is not.
+DOWNLOAD_TRIES = 4
+
+
+def _transient(exc: BaseException) -> bool:
+    return isinstance(exc, ApiError) and exc.code == "unavailable"
+
+
+def _fetch(url: str, name: str, sha256: str, target: Path) -> None:
+    """One file from a presigned GET into `target`, sha256 checked (written only if right)."""
+    partial = target.with_name(f".{target.name}.part")
+    digest = hashlib.sha256()
+    try:
+        with httpx.stream("GET", url, timeout=60.0) as response:
+            if response.status_code != 200:
+                code = "unavailable" if response.status_code >= 500 else "rejected"
+                raise ApiError(
+                    response.status_code,
+                    code,
+                    f"download of {name} failed: HTTP {response.status_code}",
+                )
+            with partial.open("wb") as out:
+                for chunk in response.iter_bytes(_CHUNK):
+                    digest.update(chunk)
+                    out.write(chunk)
+        if digest.hexdigest() != sha256:
+            raise ApiError(
+                0, "unavailable", f"{name}: sha256 {digest.hexdigest()}, expected {sha256}"
+            )
+        os.replace(partial, target)
+    except httpx.TransportError as exc:
+        raise ApiError(0, "unavailable", f"download of {name}: {exc}") from exc
+    finally:
+        partial.unlink(missing_ok=True)

@@ -1,5 +1,5 @@
 """The job commands of the CLI: submit, status, results, download, cancel, jobs, workers,
-leaderboard, token create. Each talks to the coordinator's API through CotuneClient.
+leaderboard, token create/list/revoke. Each talks to the coordinator's API through CotuneClient.
 
 Where the coordinator is: --coordinator URL, else COTUNE_COORDINATOR, else the API serving
 the embedded stack of the home (`<home>/api.json`, written by `cotune up`). The admin token:
@@ -39,6 +39,7 @@ _STATE_STYLE = {
     "pruned": "yellow",
     "running": "cyan",
     "leased": "cyan",
+    "verifying": "magenta",
 }
 
 
@@ -237,20 +238,60 @@ def leaderboard_command(conn: Connection) -> int:
 
 
 def token_create_command(
-    conn: Connection, join: bool, name: str, kind: str, ttl_s: float | None
+    conn: Connection,
+    join: bool,
+    name: str,
+    kind: str,
+    ttl_s: float | None,
+    max_uses: int | None = None,
 ) -> int:
     if not join:
         Console(stderr=True).print("[red]error:[/] say which token: --join (the only kind today)")
         return EXIT_INVALID
 
     def action(client: CotuneClient, out: Console) -> int:
-        made = client.create_join_token(name=name, kind=kind, ttl_s=ttl_s)
+        made = client.create_join_token(name=name, kind=kind, ttl_s=ttl_s, max_uses=max_uses)
         expires = f", expires {_when(made.expires_at)}" if made.expires_at else ""
+        if made.max_uses is not None:
+            expires += f", enrolls at most {made.max_uses} worker(s)"
         out.print(f"join token for [bold]{escape(made.name)}[/] ({made.kind}{expires}):")
         out.print(made.token, markup=False)
         out.print(
             f"A volunteer runs: cotune worker --coordinator {client.url} --join-token {made.token}",
             markup=False,
+        )
+        return 0
+
+    return run(conn, action)
+
+
+def token_list_command(conn: Connection) -> int:
+    def action(client: CotuneClient, out: Console) -> int:
+        table = Table(title="join tokens", title_justify="left")
+        for column in ("name", "kind", "created", "expires", "uses", "revoked"):
+            table.add_column(column)
+        now = time.time()
+        for t in client.join_tokens():
+            expires = _when(t.expires_at) if t.expires_at else "never"
+            if t.expires_at is not None and t.expires_at < now:
+                expires += " (expired)"
+            uses = f"{t.uses}/{t.max_uses}" if t.max_uses is not None else str(t.uses)
+            table.add_row(
+                escape(t.name), t.kind, _when(t.created_at), expires, uses, _when(t.revoked_at)
+            )
+        out.print(table)
+        return 0
+
+    return run(conn, action)
+
+
+def token_revoke_command(conn: Connection, name: str) -> int:
+    def action(client: CotuneClient, out: Console) -> int:
+        done = client.revoke_join_tokens(name)
+        out.print(
+            f"revoked {done.tokens} join token(s) named [bold]{escape(done.name)}[/], "
+            f"{done.workers} worker token(s) enrolled with them and {done.leases} active "
+            "lease(s) (their tasks are queued again)"
         )
         return 0
 
@@ -264,7 +305,8 @@ def status_view(job: JobDetail, trials: list[TrialView], recent: list[EventBody]
     t = job.tasks
     head = Text.from_markup(
         f"job [bold]{job.job_id}[/]  {_state(job.state)}  trials {len(trials)}  tasks: "
-        f"{t.accepted} accepted, {t.leased} running, {t.queued} queued, {t.failed} failed"
+        f"{t.accepted} accepted, {t.verifying} verifying, {t.leased} running, {t.queued} queued, "
+        f"{t.failed} failed"
         + (f"  best trial {job.best_trial}" if job.best_trial is not None else "")
     )
     parts: list[object] = [head]
@@ -320,9 +362,13 @@ def _losses(losses: list[float]) -> str:
 def _progress(trial: TrialView) -> str:
     if not trial.tasks:
         return trial.error or ""
-    done = sum(t.state == "accepted" for t in trial.tasks)
+    shards = [t for t in trial.tasks if t.duplicate_of is None]
+    done = sum(t.state == "accepted" for t in shards)
     running = [t for t in trial.tasks if t.state == "leased"]
-    text = f"round {trial.tasks[0].round}: {done}/{len(trial.tasks)} shards"
+    text = f"round {trial.tasks[0].round}: {done}/{len(shards)} shards"
+    verifying = sum(t.state == "verifying" for t in trial.tasks)
+    if verifying:
+        text += f", {verifying} verifying"
     if running:
         step = sum(t.step for t in running)
         total = sum(t.max_steps for t in running) or 1

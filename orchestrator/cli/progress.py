@@ -95,7 +95,7 @@ class JobWatch:
         for t in trials:
             losses = " ".join(f"{x:.4f}" for x in t.eval_losses) or "-"
             tasks = " ".join(
-                f"s{k.shard}:{k.state}"
+                f"s{k.shard}{'+' if k.duplicate_of else ''}:{k.state}"
                 + (f" {k.step}/{k.max_steps}" if k.state == "leased" else "")
                 for k in t.tasks
             )

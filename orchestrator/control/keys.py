@@ -22,7 +22,7 @@ can produce the same key.
     worker:<worker>                      hash    an enrolled worker and its counters
     worker:<worker>:leases               set     its active lease ids
     workers                              zset    worker ids by enrollment time
-    token:join:<sha256>                  hash    a join token (name, kind), by its hash
+    token:join:<sha256>                  hash    a join token (name, kind, expiry, uses, revoked)
     tokens:join                          zset    join token hashes by creation time
     leaderboard                          zset    contributor name -> accepted tokens
     leaderboard:tasks                    zset    contributor name -> accepted tasks
@@ -30,6 +30,12 @@ can produce the same key.
     merge:<job>:<trial>:<round>:claim    string  who merges that round (SET NX, with a TTL)
     leader                               string  the active coordinator (SET NX, with a TTL)
     optuna:<job>                         -       prefix of the job's Optuna journal
+    owners:strikes                       hash    owner (join token name) -> strikes
+    owners:strikes:log                   stream  every strike: owner, worker, reason (capped)
+    owners:strikes:seen                  zset    offense ids struck in the last day -> time
+    owners:quarantined                   set     owners whose workers get no work
+    owner:<owner>:workers                set     the worker ids enrolled under an owner
+    rate:worker:<worker>                 hash    its request token bucket (tokens, at; expiring)
 """
 
 from __future__ import annotations
@@ -64,6 +70,12 @@ TEMPLATES: dict[str, str] = {
     "merge_claim": "merge:%s:%s:%s:claim",
     "leader": "leader",
     "optuna": "optuna:%s",
+    "strikes": "owners:strikes",
+    "strike_log": "owners:strikes:log",
+    "strike_seen": "owners:strikes:seen",
+    "quarantined": "owners:quarantined",
+    "owner_workers": "owner:%s:workers",
+    "rate": "rate:worker:%s",
 }
 
 _ID = re.compile(r"^[A-Za-z0-9_.\-]{1,160}$")
@@ -163,6 +175,25 @@ class Keys:
 
     def leader(self) -> str:
         return self._key("leader")
+
+    def strikes(self) -> str:
+        return self._key("strikes")
+
+    def strike_log(self) -> str:
+        return self._key("strike_log")
+
+    def strike_seen(self) -> str:
+        return self._key("strike_seen")
+
+    def quarantined(self) -> str:
+        return self._key("quarantined")
+
+    def owner_workers(self, owner: str) -> str:
+        """Owners are join token names (checked by control/tokens.py: never ':' or '%')."""
+        return self._key("owner_workers", owner)
+
+    def rate(self, worker_id: str) -> str:
+        return self._key("rate", worker_id)
 
     def optuna(self, job_id: str) -> str:
         """The prefix under which a job's Optuna journal lives (its own keys below it)."""

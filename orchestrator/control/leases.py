@@ -8,14 +8,23 @@ needs the object store: presigned URLs out, verification of what came back in.
   with presigned GETs for its inputs (and its latest checkpoint to resume from, whichever
   attempt made it) and presigned POSTs for its outputs, at keys unique to (task, attempt):
   jobs/<job>/trials/<t>/r<round>/s<shard>/a<attempt>/{adapter/<file>, ckpt/<seq>/...}.
-- `heartbeat` renews the deadline, records a reported checkpoint (issued key, size and
-  sha256 checked in the store) and answers `stop` once the job or trial is over.
-- `complete` checks every artifact (issued key, size, sha256) before the task is accepted
-  and its tokens credited to the worker's contributor; a retried completion gets the same
+- `heartbeat` renews the deadline, records a reported checkpoint (control/checkpoints.py:
+  issued key, quota, step range, size and sha256 in the store) and answers `stop` once the
+  job or trial is over; a lease older than `lease_max_age_s` ends there (409).
+- `complete` runs the cheap checks (control/intake.py: issued keys, sizes, sha256, the
+  weights' safetensors header against the tensors the task implies). A cluster worker's
+  result is then accepted and credited; a volunteer's waits in `verifying`, uncredited, for
+  the reconciler's heavy checks (pipeline/verification.py, control/verdicts.py). A result
+  that fails is rejected: the task is queued again (a volunteer's rejection is a strike on
+  its owner, not a failed attempt) and the upload deleted. Credit is the coordinator's count
+  (`intake.task_tokens`), never the worker's metrics. A retried completion gets the same
   answer and no second credit; a completion on an expired or superseded lease gets 409.
 - `fail` and `release` end the lease; the task is queued again (the next attempt resumes
   from the latest checkpoint) or, after max_attempts failures, fails with its trial.
 - `reclaim_expired` ends every lease past its deadline (the API runs it every second).
+- Caps: a worker holds at most `max_leases` at once (one per GPU; lease.lua), answered as
+  "no work" with the reason (`offer`), since a worker that lost a lease's answer must wait
+  for it to expire rather than stop; a call on another worker's lease is a strike.
 
 Every refusal raises an cotune.orchestrator.protocol.problems error before anything is written.
 """
@@ -28,15 +37,16 @@ import math
 import secrets
 from typing import TYPE_CHECKING
 
+from cotune.orchestrator.control.checkpoints import Checkpoints, verify_object
+from cotune.orchestrator.control.intake import Intake
 from cotune.orchestrator.control.records import (
-    CheckpointRecord,
     LeaseRecord,
     StoredObject,
     TaskRecord,
-    TaskResult,
     decode_hash,
     text,
 )
+from cotune.orchestrator.control.strikes import Strikes
 from cotune.orchestrator.control.tiers import tiers_for
 from cotune.orchestrator.data.layout import adapter_key, checkpoint_key
 from cotune.orchestrator.protocol.problems import (
@@ -58,6 +68,7 @@ from cotune.orchestrator.protocol.wire import (
     FailRequest,
     HeartbeatRequest,
     HeartbeatResponse,
+    LeaseResponse,
     PresignedGet,
     PresignedPost,
     ReleaseRequest,
@@ -75,7 +86,6 @@ if TYPE_CHECKING:
 MiB = 1 << 20
 ADAPTER_MAX_BYTES = 8 << 30  # adapter weights: rank 256 on a 70B model stays well below
 SMALL_FILE_MAX_BYTES = 16 * MiB  # adapter_config.json, metrics.json
-CHECKPOINT_MAX_BYTES = 32 << 30  # adapter + optimizer state (two moments) + RNG, as a tar
 GET_EXPIRY_S = 6 * 3600  # long enough to download a staged base model on a slow link
 RETRY_AFTER_S = 2.0
 
@@ -99,29 +109,51 @@ class Leases:
         self.clock = state.clock
         self.ttl_s = settings.lease_ttl_s
         self.heartbeat_interval_s = min(settings.heartbeat_interval_s, settings.lease_ttl_s / 3)
+        self.max_age_s = settings.lease_max_age_s
         self.retry_after_s = retry_after_s
+        self.strikes = Strikes(state, max_strikes=settings.max_strikes)
+        self.checkpoints = Checkpoints(state, store, self.strikes)
+        self.intake = Intake(state, store, self.strikes)
 
     # --- the protocol -----------------------------------------------------------------------
 
     def lease(self, worker_id: str, capabilities: Capabilities) -> TaskLease | None:
-        """The next task that fits this worker, leased to it; None if there is none."""
+        """The next task that fits this worker, leased to it; None if there is none for it
+        now (`offer` says why and for how long)."""
+        return self.offer(worker_id, capabilities).task
+
+    def offer(self, worker_id: str, capabilities: Capabilities) -> LeaseResponse:
+        """The lease answer: the next task that fits this worker, or how long to wait (and
+        why, when it is the worker's lease cap rather than an empty queue)."""
+        owner = self.redis.hget(self.keys.worker(worker_id), "name")
+        if owner is not None and self.redis.sismember(self.keys.quarantined(), owner):
+            raise Forbidden(
+                f"contributor {text(owner)!r} is quarantined: no more work", "worker_id"
+            )
         gpus = self.redis.hget(self.keys.worker(worker_id), "gpus")
         tiers = tiers_for(capabilities.memory_bytes, gpu=gpus is None or int(gpus) > 0)
         now = self.clock()
         if not tiers:
-            return None
+            return LeaseResponse(retry_after_s=self.retry_after_s)
         lease_id = "l-" + secrets.token_hex(8)
         deadline = now + self.ttl_s
         formats = json.dumps(capabilities.formats)
         got = self.scripts("lease", worker_id, lease_id, now, deadline, formats, *tiers)
-        if got is None:
+        capped = got is not None and len(got) == 3  # {'capped', held, cap}
+        if got is None or capped:
             if gpus is not None:  # an enrolled worker asking for work is alive
                 self.redis.hset(self.keys.worker(worker_id), "last_seen", repr(now))
-            return None
+            reason = None
+            if capped:
+                reason = (
+                    f"worker {worker_id} holds {int(got[1])} active lease(s), its limit (one "
+                    "per GPU, one without a GPU): finish, release or let one expire first"
+                )
+            return LeaseResponse(retry_after_s=self.retry_after_s, reason=reason)
         task = self.state.get_task(text(got[0]))
         attempt = int(got[1])
         try:
-            return self._task_lease(task, lease_id, attempt, deadline, now)
+            return LeaseResponse(task=self._task_lease(task, lease_id, attempt, deadline, now))
         except Exception:
             # The worker never hears of this lease: give it back at once rather than let it
             # expire (which would count as a failed attempt).
@@ -147,9 +179,18 @@ class Leases:
         now = self.clock()
         deadline = now + self.ttl_s
         answer = self.scripts(
-            "heartbeat", lease_id, now, deadline, json.dumps(progress), *checkpoint
+            "heartbeat", lease_id, now, deadline, json.dumps(progress), self.max_age_s, *checkpoint
         )
-        self._raise_for(text(answer[0]), lease)
+        status = text(answer[0])
+        if status in ("ok", "too_old"):
+            self.checkpoints.delete_superseded(answer[3] if status == "ok" else answer[2])
+        if status == "too_old":
+            raise LeaseExpired(
+                f"lease {lease_id} (attempt {lease.attempt}) reached its maximum age of "
+                f"{self.max_age_s:.0f} s (COTUNE_LEASE_MAX_AGE_S); its task was queued again "
+                "and resumes from its latest checkpoint"
+            )
+        self._raise_for(status, lease)
         action = "stop" if text(answer[1]) == "stop" else "continue"
         outputs = self._outputs(task, lease.attempt, int(answer[2]), deadline, now)
         return HeartbeatResponse(action=action, deadline=deadline, server_time=now, outputs=outputs)
@@ -170,34 +211,17 @@ class Leases:
         extra = sorted(set(body.artifacts) - set(ADAPTER_FILES))
         if extra:
             raise Rejected(f"unexpected files {extra}; send {list(ADAPTER_FILES)}", "artifacts")
-        problems = [
-            problem
-            for ref in body.artifacts.values()
-            if (problem := self._verify(ref.key, ref.sha256, ref.bytes)) is not None
-        ]
-        credit = _credit(task, body.metrics.get("tokens", 0))
-        if problems:
-            answer = CompleteResponse(accepted=False, reason="; ".join(problems))
-        else:
-            answer = CompleteResponse(accepted=True, credit=credit)
-        result = TaskResult(
-            attempt=lease.attempt,
-            worker_id=worker_id,
-            artifacts=body.artifacts,
-            metrics=body.metrics,
-            tokens=credit,
-        )
-        contributor = text(self.redis.hget(self.keys.worker(worker_id), "name") or worker_id)
+        judged = self.intake.judge(task, lease.attempt, worker_id, body)
         got = self.scripts(
             "complete",
             lease_id,
             self.clock(),
-            "1" if answer.accepted else "0",
-            result.model_dump_json(),
-            answer.model_dump_json(),
-            credit if answer.accepted else 0.0,
-            contributor,
-            answer.reason or "",
+            judged.outcome,
+            judged.result.model_dump_json(),
+            judged.answer.model_dump_json(),
+            judged.credit,
+            judged.result.owner or worker_id,
+            judged.answer.reason or "",
             digest,
         )
         status = text(got[0])
@@ -205,7 +229,9 @@ class Leases:
             stored_digest = text(got[2]) if len(got) > 2 and got[2] is not None else None
             return self._repeated(lease, text(got[1]), stored_digest, digest)
         self._raise_for(status, lease)
-        return answer
+        if judged.outcome == "rejected":
+            self.intake.rejected(judged, task)
+        return judged.answer
 
     def fail(self, worker_id: str, lease_id: str, body: FailRequest) -> None:
         self._give_up(worker_id, lease_id, "fail", body.reason, body.retryable, body.checkpoint)
@@ -243,6 +269,8 @@ class Leases:
         answer = self.scripts(
             "give_up", lease_id, self.clock(), kind, reason, "1" if retryable else "0", *checkpoint
         )
+        if text(answer[0]) == "ok" and len(answer) > 2:
+            self.checkpoints.delete_superseded(answer[2])
         self._raise_for(text(answer[0]), lease)
 
     def _repeated(
@@ -259,6 +287,8 @@ class Leases:
     def _own_lease(self, worker_id: str, lease_id: str) -> LeaseRecord:
         lease = self.get_lease(lease_id)
         if lease.worker_id != worker_id:
+            # Lease ids are random and only their holder hears them: no honest mistake.
+            self.strikes.add(worker_id, f"a call on another worker's lease ({lease_id})")
             raise Forbidden("this lease belongs to another worker", "lease_id")
         return lease
 
@@ -292,36 +322,11 @@ class Leases:
         self, lease: LeaseRecord, task: TaskRecord, ref: CheckpointRef | None, where: str
     ) -> tuple[object, ...]:
         """(seq, step, CheckpointRecord JSON) of a verified checkpoint; ('',) for none."""
-        if ref is None:
-            return ("",)
-        issued = [checkpoint_key(task, lease.attempt, s) for s in range(lease.checkpoint_seq + 1)]
-        if ref.archive.key not in issued:
-            raise Rejected("not a checkpoint key issued to this lease", f"{where}.archive.key")
-        problem = self._verify(ref.archive.key, ref.archive.sha256, ref.archive.bytes)
-        if problem is not None:
-            raise Rejected(problem, f"{where}.archive")
-        record = CheckpointRecord(
-            step=ref.step,
-            key=ref.archive.key,
-            sha256=ref.archive.sha256,
-            bytes=ref.archive.bytes,
-            attempt=lease.attempt,
-        )
-        return (issued.index(ref.archive.key), ref.step, record.model_dump_json())
+        return self.checkpoints.args(lease, task, ref, where)
 
     def _verify(self, key: str, sha256: str, size: int) -> str | None:
         """What is wrong with the object at `key` compared with the claim, or None."""
-        info = self.store.head(key)
-        if info is None:
-            return f"{key}: nothing was uploaded there"
-        if info.size != size:
-            return f"{key}: {info.size} bytes stored, {size} claimed"
-        digest = hashlib.sha256()
-        with self.store.open_stream(key) as stream:
-            while chunk := stream.read(MiB):
-                digest.update(chunk)
-        got = digest.hexdigest()
-        return None if got == sha256 else f"{key}: sha256 {got}, {sha256} claimed"
+        return verify_object(self.store, key, sha256, size)
 
     def _task_lease(
         self, task: TaskRecord, lease_id: str, attempt: int, deadline: float, now: float
@@ -383,7 +388,8 @@ class Leases:
             )
             for name in ADAPTER_FILES
         }
-        checkpoint = self._post(checkpoint_key(task, attempt, seq), CHECKPOINT_MAX_BYTES, expires)
+        quota = self.checkpoints.quota(task)
+        checkpoint = self._post(checkpoint_key(task, attempt, seq), quota, expires)
         return TaskOutputs(adapter=adapter, checkpoint=checkpoint)
 
     def _post(self, key: str, max_bytes: int, expires_s: int) -> PresignedPost:
@@ -397,18 +403,3 @@ def _digest(body: CompleteRequest) -> str:
         {name: ref.model_dump() for name, ref in body.artifacts.items()}, sort_keys=True
     )
     return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def _credit(task: TaskRecord, claimed: float) -> float:
-    """Tokens credited: the worker's count, at most what the task could have trained."""
-    tokens = max(float(claimed), 0.0)
-    train = TrainTask.model_validate_json(task.task_json)
-    if train.max_steps is not None:
-        ceiling = (
-            train.max_steps
-            * train.micro_batch_size
-            * train.gradient_accumulation_steps
-            * train.sequence_len
-        )
-        tokens = min(tokens, float(ceiling))
-    return tokens

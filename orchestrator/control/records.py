@@ -90,7 +90,9 @@ class CheckpointRecord(BaseModel):
 
 
 class TaskResult(BaseModel):
-    """An accepted completion: TaskRecord.result_json. Artifacts were checked in the store."""
+    """A completion that passed the checks at `complete`: TaskRecord.result_json (pending
+    while the task is `verifying`). Artifacts were checked in the store. `metrics` are the
+    worker's, kept for display only: nothing that matters is read from them."""
 
     model_config = _JSON
 
@@ -98,7 +100,32 @@ class TaskResult(BaseModel):
     worker_id: str
     artifacts: dict[FileName, ArtifactRef]
     metrics: dict[str, float | int]
-    tokens: float = Field(description="Tokens credited (the worker's count, capped).")
+    tokens: float = Field(
+        description="Tokens the task trains, computed by the coordinator (control/intake.py "
+        "`task_tokens`): credited at acceptance."
+    )
+    owner: str | None = Field(None, description="The worker's owner (its join token's name).")
+    adopted_from: str | None = Field(
+        None,
+        description="An outvoted original's: the duplicate whose accepted result it took "
+        "(its owner was credited there, not again here).",
+    )
+
+
+class CheckRecord(BaseModel):
+    """The heavy checks' verdict on one attempt's upload (pipeline/verification.py):
+    TaskRecord.check_json. `issues` empty: it passed."""
+
+    model_config = _JSON
+
+    attempt: int
+    issues: list[str] = Field(default_factory=list)
+    probe_loss: float | None = None
+    change_norm: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.issues
 
 
 # --- records --------------------------------------------------------------------------------
@@ -164,7 +191,8 @@ class TaskRecord:
     """One (trial, round, shard) training task. Build new ones with `TaskRecord.new`.
 
     The fields after `worker_id` are kept by the coordinator (failures counted toward
-    `max_attempts`, the current lease, the last heartbeat's progress).
+    `max_attempts`, the current lease, the last heartbeat's progress). `failures` is a
+    float: an expired attempt that left a newer checkpoint counts half (lua/lib.lua).
     """
 
     task_id: str
@@ -181,13 +209,21 @@ class TaskRecord:
     result_json: str | None
     checkpoint_json: str | None
     worker_id: str | None
-    failures: int = 0
+    failures: float = 0.0
     error: str | None = None
     lease_id: str | None = None
     step: int = 0
     max_steps: int = 0
     loss: float | None = None
     updated_at: float = 0.0
+    # Trust (set by the reconciler, read by `complete` and the verification step): the base
+    # model's config.json (what the expected tensor shapes come from) and the
+    # adapter_config.json the coordinator writes for this task's uploads; a redundancy
+    # duplicate's original; the heavy checks' record.
+    model_json: str | None = None
+    adapter_config_json: str | None = None
+    duplicate_of: str | None = None
+    check_json: str | None = None
 
     @classmethod
     def new(
@@ -238,13 +274,17 @@ class TaskRecord:
             result_json=_opt(h.get("result_json")),
             checkpoint_json=_opt(h.get("checkpoint_json")),
             worker_id=_opt(h.get("worker_id")),
-            failures=int(h.get("failures") or 0),
+            failures=float(h.get("failures") or 0),
             error=_opt(h.get("error")),
             lease_id=_opt(h.get("lease_id")),
             step=int(float(h.get("step") or 0)),
             max_steps=int(float(h.get("max_steps") or 0)),
             loss=float(loss) if loss else None,
             updated_at=_float(h.get("updated_at")),
+            model_json=_opt(h.get("model_json")),
+            adapter_config_json=_opt(h.get("adapter_config_json")),
+            duplicate_of=_opt(h.get("duplicate_of")),
+            check_json=_opt(h.get("check_json")),
         )
 
     def inputs(self) -> TaskInputs:
@@ -258,9 +298,28 @@ class TaskRecord:
             return None
         return CheckpointRecord.model_validate_json(self.checkpoint_json)
 
+    def check(self) -> CheckRecord | None:
+        """The heavy checks' record of the current attempt (None: not checked yet)."""
+        if not self.check_json:
+            return None
+        record = CheckRecord.model_validate_json(self.check_json)
+        return record if record.attempt == self.attempt else None
+
 
 def task_id_for(job_id: str, trial: int, round: int, shard: int) -> str:
     return f"{job_id}.t{trial}.r{round}.s{shard}"
+
+
+#: A redundancy duplicate k counts its attempts from k x DUPLICATE_ATTEMPTS + 1: uploads are
+#: keyed by (trial, round, shard, attempt) (data/layout.py), so the original's and its
+#: duplicates' never share a key.
+DUPLICATE_ATTEMPTS = 1000
+DUPLICATE_SUFFIX = ".dup"
+
+
+def duplicate_id(task_id: str, k: int) -> str:
+    """The id of the k-th redundancy duplicate of a task: `<task_id>.dup<k>`."""
+    return f"{task_id}{DUPLICATE_SUFFIX}{k}"
 
 
 @dataclass(frozen=True)

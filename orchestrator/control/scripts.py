@@ -14,9 +14,11 @@ before it. The shared library holds the task fate rules used by several scripts:
 - `task_wanted`: a task is wanted while its job is not finished and its trial (if any)
   still runs; unwanted queued tasks are cancelled instead of leased or re-queued;
 - `settle`: a lease ended without an accepted result: the task is queued again at the
-  front of its queue (an expiry, a failure, a rejected result count toward max_attempts; a
-  release does not), or fails for good (max attempts reached, or a non-retryable failure),
-  failing its trial and cancelling that round's queued siblings, or is cancelled;
+  front of its queue (an expiry, a failure and a cluster worker's rejected result count
+  toward max_attempts; a release, a revocation and a volunteer's rejected result do not, and
+  a volunteer's failures count once per owner), or fails for good (max attempts reached, or
+  a cluster worker's non-retryable failure), failing its trial and cancelling that round's
+  queued siblings, or is cancelled;
 - the queue (see orchestrator/control/queue.py for the design): per (tier, job) lists and a per
   tier rotation of jobs for round robin.
 """
@@ -46,6 +48,11 @@ SCRIPT_NAMES = (
     "complete",
     "give_up",
     "reclaim",
+    "strike",
+    "enroll",
+    "revoke_join",
+    "rate_limit",
+    "verdict",
 )
 
 

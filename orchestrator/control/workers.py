@@ -1,9 +1,20 @@
 """The worker registry: enrollment with a join token, worker tokens, who holds what.
 
 A worker enrolls once per start (`POST /v1/workers/enroll`): the join token names the
-contributor its work is credited to, and its kind (volunteer or cluster). The worker gets a
-fresh id and token; only the token's sha256 is kept. Every later call authenticates with
-`authenticate` (constant-time comparison of hashes).
+contributor its work is credited to, and its kind (volunteer or cluster). Enrollment is one
+Lua script (control/lua/enroll.lua) that checks the join token (known, unrevoked, unexpired,
+uses left, owner not quarantined), counts its use and records the worker, so a token with
+`max_uses` 5 enrolls exactly 5 workers however many try at once. The worker gets a fresh id
+and token; only the token's sha256 is kept. Every later call authenticates with
+`authenticate` (constant-time comparison of hashes), which also renews the token: a worker
+token expires `token_ttl_s` after its last use (renewed at most once a minute, to spare a
+write per call). The hardware reported at enrollment sets the worker's lease cap
+(`max_leases`: one per GPU, one for a CPU-only worker; enforced in control/lua/lease.lua).
+
+`revoke_join_token` revokes join tokens (by name: every token of that name; or by hash) and
+with them every worker token enrolled with them (control/lua/revoke_join.lua): those
+workers' next call is refused and their active leases are revoked, the tasks queued again
+without a failure counted.
 """
 
 from __future__ import annotations
@@ -11,6 +22,7 @@ from __future__ import annotations
 import json
 import secrets
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from cotune.orchestrator.control.records import decode_hash, text
@@ -21,11 +33,14 @@ from cotune.orchestrator.control.tokens import (
     token_hash,
     token_matches,
 )
-from cotune.orchestrator.protocol.problems import Unauthorized
+from cotune.orchestrator.protocol.problems import Forbidden, NotFound, Unauthorized
 
 if TYPE_CHECKING:
     from cotune.orchestrator.control.state import State
     from cotune.orchestrator.protocol.wire import Hardware
+
+WORKER_TOKEN_TTL_S = 24 * 3600.0  # settings.py's default (COTUNE_WORKER_TOKEN_TTL_S)
+RENEW_EVERY_S = 60.0  # a used token's expiry is pushed at most this often
 
 
 @dataclass(frozen=True)
@@ -43,6 +58,9 @@ class WorkerRecord:
     tasks_rejected: int
     tasks_expired: int
     leases: tuple[str, ...]
+    max_leases: int = 1
+    token_expires_at: float | None = None
+    revoked_at: float | None = None
 
     @classmethod
     def from_hash(cls, h: dict[str, str], leases: tuple[str, ...]) -> WorkerRecord:
@@ -60,52 +78,113 @@ class WorkerRecord:
             tasks_rejected=int(h.get("tasks_rejected") or 0),
             tasks_expired=int(h.get("tasks_expired") or 0),
             leases=leases,
+            max_leases=int(h.get("max_leases") or max(int(h.get("gpus") or 0), 1)),
+            token_expires_at=float(h["token_expires_at"]) if h.get("token_expires_at") else None,
+            revoked_at=float(h["revoked_at"]) if h.get("revoked_at") else None,
         )
 
 
+@dataclass(frozen=True)
+class Revocation:
+    """What `revoke_join_token` did (counts of what it revoked now; 0 on a repeat)."""
+
+    tokens: int
+    workers: int
+    leases: int
+
+
 class Workers:
-    def __init__(self, state: State) -> None:
+    def __init__(self, state: State, *, token_ttl_s: float = WORKER_TOKEN_TTL_S) -> None:
+        if token_ttl_s <= RENEW_EVERY_S:
+            raise ValueError(
+                f"the worker token lifetime (COTUNE_WORKER_TOKEN_TTL_S) must be over "
+                f"{RENEW_EVERY_S:.0f} s, got {token_ttl_s:g}"
+            )
         self.redis = state.redis
         self.keys = state.keys
         self.clock = state.clock
-        self.join_tokens = JoinTokens(state.redis, state.keys)
+        self.scripts = state.scripts
+        self.token_ttl_s = token_ttl_s
+        self.join_tokens = JoinTokens(state.redis, state.keys, state.clock)
 
     def enroll(self, join_token: str, hardware: Hardware) -> tuple[WorkerRecord, str]:
-        """A new worker and its token; Unauthorized for an unknown or expired join token."""
-        join = self.join_tokens.verify(join_token)
-        if join is None:
-            raise Unauthorized("unknown or expired join token", "join_token")
+        """A new worker and its token. Unauthorized for a join token that is unknown,
+        expired, revoked or used up (the message says which); Forbidden for a quarantined
+        owner."""
         worker_id = "w-" + secrets.token_hex(8)
         token = new_token("worker")
         now = self.clock()
         fields = {
             "worker_id": worker_id,
-            "name": join.name,
-            "kind": join.kind,
             "token_sha256": token_hash(token),
-            "join_token": join.token_sha256,
+            "token_expires_at": repr(now + self.token_ttl_s),
             "hardware": hardware.model_dump_json(),
             "gpus": str(len(hardware.gpus)),
+            "max_leases": str(max(len(hardware.gpus), 1)),
             "enrolled_at": repr(now),
             "last_seen": repr(now),
         }
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(self.keys.worker(worker_id), mapping=fields)
-        pipe.zadd(self.keys.workers(), {worker_id: now})
-        pipe.execute()
+        answer = self.scripts("enroll", token_hash(join_token), worker_id, json.dumps(fields), now)
+        got = [text(x) for x in answer]
+        status = got[0]
+        if status == "unknown":
+            raise Unauthorized("unknown or expired join token", "join_token")
+        if status == "revoked":
+            raise Unauthorized(
+                f"join token revoked (at {_when(got[1])}); ask the operator for a new one",
+                "join_token",
+            )
+        if status == "expired":
+            raise Unauthorized(
+                f"join token expired (at {_when(got[1])}); ask the operator for a new one",
+                "join_token",
+            )
+        if status == "used_up":
+            raise Unauthorized(
+                f"join token used up: it enrolled {got[1]} worker(s), its max_uses is {got[2]}; "
+                "ask the operator for a new one",
+                "join_token",
+            )
+        if status == "quarantined":
+            raise Forbidden(
+                f"contributor {got[1]!r} is quarantined; ask the operator", "join_token"
+            )
         return self.get(worker_id), token
 
     def authenticate(self, worker_id: str, token: str | None) -> WorkerRecord:
-        """The worker whose token this is; Unauthorized (changing nothing) otherwise."""
+        """The worker whose token this is, its token renewed; Unauthorized (changing
+        nothing) for a missing, wrong, revoked or expired token."""
         if not token:
             raise Unauthorized("missing bearer token (Authorization: Bearer <worker token>)")
-        raw = self.redis.hget(self.keys.worker(worker_id), "token_sha256")
-        if raw is None:
+        wk = self.keys.worker(worker_id)
+        raw = self.redis.hmget(wk, "token_sha256", "token_expires_at", "revoked_at")
+        if raw[0] is None:
             token_matches(token, "0" * 64)  # same work either way: no timing hint
             raise Unauthorized(f"unknown worker {worker_id!r}; enroll again", "worker_id")
-        if not token_matches(token, text(raw)):
+        if not token_matches(token, text(raw[0])):
             raise Unauthorized(f"wrong token for worker {worker_id}")
+        if raw[2]:
+            raise Unauthorized(
+                f"worker token revoked (its join token was revoked at {_when(text(raw[2]))}); "
+                "ask the operator for a new join token"
+            )
+        now = self.clock()
+        expires = float(text(raw[1])) if raw[1] else None
+        if expires is not None and expires < now:
+            raise Unauthorized("worker token expired; enroll again")
+        if expires is None or expires - now < self.token_ttl_s - RENEW_EVERY_S:
+            self.redis.hset(wk, "token_expires_at", repr(now + self.token_ttl_s))
         return self.get(worker_id)
+
+    def revoke_join_token(self, name_or_hash: str) -> Revocation:
+        """Revoke every join token of that name (or the one with that sha256) and every
+        worker token enrolled with them; their active leases are revoked (tasks queued
+        again, not counted). NotFound if no join token has that name or hash. Idempotent."""
+        got = self.scripts("revoke_join", name_or_hash, self.clock())
+        tokens, workers, leases = (int(x) for x in got)
+        if tokens < 0:
+            raise NotFound(f"no join token named {name_or_hash!r}", "name")
+        return Revocation(tokens=tokens, workers=workers, leases=leases)
 
     def get(self, worker_id: str) -> WorkerRecord:
         pipe = self.redis.pipeline(transaction=False)
@@ -141,3 +220,8 @@ class Workers:
             (text(name), float(score), int(n or 0))
             for (name, score), n in zip(rows, tasks, strict=True)
         ]
+
+
+def _when(stamp: str) -> str:
+    """A unix time from Redis as UTC ISO 8601 (seconds), for messages."""
+    return datetime.fromtimestamp(float(stamp), UTC).isoformat(timespec="seconds")

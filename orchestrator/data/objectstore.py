@@ -1,7 +1,9 @@
 """The S3 object store every artifact lives in: streaming, sha256-checked, retried, presigned.
 
-It talks to any S3 (AWS, R2, SeaweedFS, MinIO) through the client of s3client.py; its
-failures are the ObjectStoreError family of s3errors.py. Workers reach S3 through the
+It talks to any S3 (AWS, R2, SeaweedFS, MinIO) through the client of s3client.py; every
+call, streamed bodies included, is retried on transient failures (s3client.retrying: a
+reset connection, a 503 or SlowDown, a body cut short; not a 403 or 404), and what still
+fails is the ObjectStoreError family of s3errors.py. Workers reach S3 through the
 presigned URLs it makes (presign.py), never with credentials. Which key holds what is
 layout.py's.
 """
@@ -12,24 +14,31 @@ import contextlib
 import hashlib
 import io
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from cotune.orchestrator.data import presign
 from cotune.orchestrator.data.presign import PresignedPost
-from cotune.orchestrator.data.s3client import is_stream_failure, make_client
+from cotune.orchestrator.data.s3client import (
+    ATTEMPTS,
+    BUDGET_S,
+    REQUEST_ATTEMPTS,
+    make_client,
+    retrying,
+)
 from cotune.orchestrator.data.s3errors import (
     ChecksumMismatch,
     InvalidKey,
+    ObjectNotFound,
     ObjectStoreError,
     check_key,
     code,
     status,
-    translate,
     translated,
 )
+from cotune.orchestrator.data.s3stream import ResumingReader
 
 if TYPE_CHECKING:
     from cotune.orchestrator.settings import Settings
@@ -38,6 +47,7 @@ MiB = 1024 * 1024
 _CHUNK = MiB
 _SHA256_META = "sha256"  # stored as the x-amz-meta-sha256 header of every object we write
 _DELETE_BATCH = 1000  # DeleteObjects takes at most this many keys
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -83,8 +93,10 @@ class ObjectStore:
         max_concurrency: int = 4,
         connect_timeout_s: float = 5.0,
         read_timeout_s: float = 60.0,
-        max_attempts: int = 5,
+        max_attempts: int = ATTEMPTS,
+        retry_budget_s: float = BUDGET_S,
     ) -> None:
+        """`max_attempts` tries of each operation within `retry_budget_s` (s3client.py)."""
         if not bucket:
             raise InvalidKey("configure", bucket, "", "the bucket name is empty")
         self.endpoint_url = endpoint_url
@@ -97,14 +109,15 @@ class ObjectStore:
             region,
             connect_timeout_s=connect_timeout_s,
             read_timeout_s=read_timeout_s,
-            max_attempts=max_attempts,
+            max_attempts=REQUEST_ATTEMPTS,
         )
         self._transfer: dict[str, Any] = {
             "multipart_threshold": multipart_threshold,
             "multipart_chunksize": multipart_chunksize,
             "max_concurrency": max_concurrency,
         }
-        self._stream_attempts = max_attempts
+        self._attempts = max_attempts
+        self._budget_s = retry_budget_s
 
     @classmethod
     def from_settings(cls, settings: Settings, **options: Any) -> ObjectStore:
@@ -127,26 +140,30 @@ class ObjectStore:
 
     def ensure_bucket(self) -> None:
         """Create the bucket unless it exists (and is ours)."""
-        try:
-            self._client.head_bucket(Bucket=self.bucket)
-            return
-        except Exception as exc:
-            if status(exc) not in (404, 400):  # 400: some servers answer HEAD so for a miss
-                raise self._error("HeadBucket", "", exc) from exc
-        try:
-            self._client.create_bucket(Bucket=self.bucket)
-        except Exception as exc:
-            if code(exc) != "BucketAlreadyOwnedByYou":
-                raise self._error("CreateBucket", "", exc) from exc
+        if not self._call("HeadBucket", "", self._bucket_exists):
+            self._call("CreateBucket", "", self._create_bucket)
 
     def delete_bucket(self) -> None:
         """Delete every object, then the bucket itself."""
         self.delete_prefix("", everything=True)
+        with contextlib.suppress(ObjectNotFound):
+            self._call("DeleteBucket", "", self._client.delete_bucket, Bucket=self.bucket)
+
+    def _bucket_exists(self) -> bool:
         try:
-            self._client.delete_bucket(Bucket=self.bucket)
+            self._client.head_bucket(Bucket=self.bucket)
         except Exception as exc:
-            if status(exc) != 404:
-                raise self._error("DeleteBucket", "", exc) from exc
+            if status(exc) in (404, 400):  # 400: some servers answer HEAD so for a miss
+                return False
+            raise
+        return True
+
+    def _create_bucket(self) -> None:
+        try:
+            self._client.create_bucket(Bucket=self.bucket)
+        except Exception as exc:
+            if code(exc) != "BucketAlreadyOwnedByYou":  # a retry after a lost answer
+                raise
 
     # -- writes ----------------------------------------------------------------------------
 
@@ -162,9 +179,18 @@ class ObjectStore:
                 "upload", self.bucket, key, f"cannot read {path}: {exc}"
             ) from exc
         extra = _put_args(sha256, content_type)
-        with self._calling("upload", key):
-            transfer = TransferConfig(**self._transfer)
-            self._client.upload_file(str(path), self.bucket, key, ExtraArgs=extra, Config=transfer)
+        transfer = TransferConfig(**self._transfer)
+        # A retry sends the whole file again (s3transfer already retried each part).
+        self._call(
+            "upload",
+            key,
+            self._client.upload_file,
+            str(path),
+            self.bucket,
+            key,
+            ExtraArgs=extra,
+            Config=transfer,
+        )
         info = self.head(key)
         if info is None or info.size != size:
             got = "nothing" if info is None else f"{info.size} bytes"
@@ -175,10 +201,15 @@ class ObjectStore:
         """Upload a small object from memory, recording its sha256."""
         check_key(self.bucket, key)
         sha256 = hashlib.sha256(data).hexdigest()
-        with self._calling("PutObject", key):
-            answer = self._client.put_object(
-                Bucket=self.bucket, Key=key, Body=data, **_put_args(sha256, content_type)
-            )
+        answer = self._call(
+            "PutObject",
+            key,
+            self._client.put_object,
+            Bucket=self.bucket,
+            Key=key,
+            Body=data,
+            **_put_args(sha256, content_type),
+        )
         return ObjectInfo(key=key, size=len(data), sha256=sha256, etag=_etag(answer.get("ETag")))
 
     # -- reads -----------------------------------------------------------------------------
@@ -189,25 +220,11 @@ class ObjectStore:
         The file appears only once complete and verified; a failed download leaves no file.
         """
         check_key(self.bucket, key)
-        from tenacity import (
-            retry,
-            retry_if_exception,
-            stop_after_attempt,
-            wait_random_exponential,
-        )
-
-        # botocore retries the request; a connection dropped mid-body is ours to retry.
-        download = retry(
-            retry=retry_if_exception(is_stream_failure),
-            stop=stop_after_attempt(self._stream_attempts),
-            wait=wait_random_exponential(multiplier=0.2, max=5.0),
-            reraise=True,
-        )(self._download_once)
-        with self._calling("download", key):
-            return download(key, path, expected_sha256)
+        # A try that fails mid-body starts over: a partial file is never kept.
+        return self._call("download", key, self._download_once, key, path, expected_sha256)
 
     def _download_once(self, key: str, path: Path, expected_sha256: str | None) -> ObjectInfo:
-        answer = self._get_object(key)
+        answer = self._client.get_object(Bucket=self.bucket, Key=key)
         stored = answer.get("Metadata", {}).get(_SHA256_META)
         want = expected_sha256 or stored
         digest = hashlib.sha256()
@@ -229,31 +246,56 @@ class ObjectStore:
     def get_bytes(self, key: str, expected_sha256: str | None = None) -> bytes:
         """A whole (small) object in memory, checked like `get_file`."""
         check_key(self.bucket, key)
-        answer = self._get_object(key)
-        with self._calling("GetObject", key):
-            data: bytes = answer["Body"].read()
-        want = expected_sha256 or answer.get("Metadata", {}).get(_SHA256_META)
+        data, metadata = self._call("GetObject", key, self._read_whole, key)
+        want = expected_sha256 or metadata.get(_SHA256_META)
         self._verified("GetObject", key, hashlib.sha256(data).hexdigest(), want)
         return data
+
+    def _read_whole(self, key: str) -> tuple[bytes, dict[str, str]]:
+        answer = self._client.get_object(Bucket=self.bucket, Key=key)
+        return answer["Body"].read(), answer.get("Metadata", {})
 
     def open_stream(self, key: str) -> BinaryIO:
         """A readable binary stream over an object, for reading it without holding it whole.
 
-        Close it when done (it is a context manager).
+        A connection dropped mid-body is picked up where it broke (a ranged GET of the same
+        version, by its ETag). Close it when done (it is a context manager).
         """
         check_key(self.bucket, key)
-        body = self._get_object(key)["Body"]
-        return io.BufferedReader(_BodyReader(body), buffer_size=_CHUNK)
+        answer = self._call("GetObject", key, self._client.get_object, Bucket=self.bucket, Key=key)
+
+        def rest(offset: int, etag: str | None) -> Any:
+            match = {"IfMatch": etag} if etag else {}
+            span = f"bytes={offset}-"
+            return self._client.get_object(Bucket=self.bucket, Key=key, Range=span, **match)
+
+        reader = ResumingReader(answer, rest, lambda read: self._call("GetObject", key, read))
+        return io.BufferedReader(reader, buffer_size=_CHUNK)
+
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        """Bytes [start, start + length) of an object (fewer past its end), by a ranged GET:
+        a header is read without fetching the whole object."""
+        check_key(self.bucket, key)
+        if length <= 0:
+            return b""
+        span = f"bytes={start}-{start + length - 1}"
+
+        def read() -> bytes:
+            answer = self._client.get_object(Bucket=self.bucket, Key=key, Range=span)
+            data: bytes = answer["Body"].read()
+            return data
+
+        return self._call("GetObject", key, read)
 
     def head(self, key: str) -> ObjectInfo | None:
         """What is stored under `key`, or None."""
         check_key(self.bucket, key)
         try:
-            answer = self._client.head_object(Bucket=self.bucket, Key=key)
-        except Exception as exc:
-            if status(exc) == 404:
-                return None
-            raise self._error("HeadObject", key, exc) from exc
+            answer = self._call(
+                "HeadObject", key, self._client.head_object, Bucket=self.bucket, Key=key
+            )
+        except ObjectNotFound:
+            return None
         return ObjectInfo(
             key=key,
             size=int(answer["ContentLength"]),
@@ -266,17 +308,26 @@ class ObjectStore:
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         """Every object whose key starts with `prefix`, in key order (sha256 not included)."""
-        paginator = self._client.get_paginator("list_objects_v2")
-        with self._calling("ListObjectsV2", prefix):
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
-                for item in page.get("Contents", []):
-                    size, etag = int(item["Size"]), _etag(item.get("ETag"))
-                    yield ObjectInfo(key=item["Key"], size=size, sha256=None, etag=etag)
+        page_after: dict[str, str] = {}  # a page at a time, each retried on its own
+        while True:
+            page = self._call(
+                "ListObjectsV2",
+                prefix,
+                self._client.list_objects_v2,
+                Bucket=self.bucket,
+                Prefix=prefix,
+                **page_after,
+            )
+            for item in page.get("Contents", []):
+                size, etag = int(item["Size"]), _etag(item.get("ETag"))
+                yield ObjectInfo(key=item["Key"], size=size, sha256=None, etag=etag)
+            if not page.get("IsTruncated"):
+                return
+            page_after = {"ContinuationToken": page["NextContinuationToken"]}
 
     def delete(self, key: str) -> None:
         check_key(self.bucket, key)
-        with self._calling("DeleteObject", key):
-            self._client.delete_object(Bucket=self.bucket, Key=key)
+        self._call("DeleteObject", key, self._client.delete_object, Bucket=self.bucket, Key=key)
 
     def delete_prefix(self, prefix: str, *, everything: bool = False) -> int:
         """Delete every object under `prefix`; return how many. An empty prefix needs
@@ -298,8 +349,9 @@ class ObjectStore:
 
     def _delete_batch(self, prefix: str, keys: Sequence[str]) -> int:
         request = {"Objects": [{"Key": k} for k in keys], "Quiet": True}
-        with self._calling("DeleteObjects", prefix):
-            answer = self._client.delete_objects(Bucket=self.bucket, Delete=request)
+        answer = self._call(
+            "DeleteObjects", prefix, self._client.delete_objects, Bucket=self.bucket, Delete=request
+        )
         errors = answer.get("Errors", [])
         if errors:
             first = errors[0]
@@ -325,40 +377,18 @@ class ObjectStore:
 
     # -- internals -------------------------------------------------------------------------
 
-    def _get_object(self, key: str) -> Any:
-        with self._calling("GetObject", key):
-            return self._client.get_object(Bucket=self.bucket, Key=key)
-
-    def _calling(self, operation: str, key: str) -> contextlib.AbstractContextManager[None]:
-        return translated(operation, self.bucket, key)
-
-    def _error(self, operation: str, key: str, exc: Exception) -> ObjectStoreError:
-        return translate(operation, self.bucket, key, exc)
+    def _call(self, operation: str, key: str, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+        """`fn(*args, **kw)` with transient failures retried (s3client.retrying); what still
+        fails raises as the ObjectStoreError naming the operation and the object."""
+        where = f"s3://{self.bucket}/{key}"
+        again = retrying(operation, where, attempts=self._attempts, budget_s=self._budget_s)
+        with translated(operation, self.bucket, key):
+            return again(fn, *args, **kw)
 
     def _verified(self, operation: str, key: str, got: str, want: str | None) -> str:
         if want is not None and got != want.lower():
             raise ChecksumMismatch(operation, self.bucket, key, f"sha256 is {got}, expected {want}")
         return got
-
-
-class _BodyReader(io.RawIOBase):
-    """botocore's StreamingBody as a raw stream, so io.BufferedReader can wrap it."""
-
-    def __init__(self, body: Any) -> None:
-        self._body = body
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        data = self._body.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
-
-    def close(self) -> None:
-        if not self.closed:
-            self._body.close()
-        super().close()
 
 
 def _put_args(sha256: str, content_type: str | None) -> dict[str, Any]:

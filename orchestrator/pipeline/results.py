@@ -5,7 +5,8 @@ and results.json with every trial.
     jobs/<id>/best/adapter_model.safetensors
     jobs/<id>/best/README.md                    model card: base, data, hyperparameters,
                                                 eval loss per round, contributing workers
-    jobs/<id>/best/results.json                 every trial: params, eval losses, state
+    jobs/<id>/best/results.json                 every trial: params, eval losses, state,
+                                                and its accepted tasks with their tokens
 
 The best trial is the complete trial with the best final eval loss (pruned and failed
 trials never are). Exporting twice writes the same objects again: idempotent.
@@ -41,15 +42,32 @@ def best_trial(trials: Sequence[TrialRecord], direction: str = "minimize") -> Tr
     return min(done, key=lambda t: (sign * t.eval_losses[-1], t.number))
 
 
-def _trial_stats(tasks: Sequence[TaskRecord], number: int) -> tuple[set[str], float]:
+def _trial_stats(
+    tasks: Sequence[TaskRecord], number: int
+) -> tuple[set[str], float, list[dict[str, Any]]]:
+    """The trial's contributing workers, its trained tokens and one row per accepted task
+    (redundancy duplicates included: they trained too). Tokens are the coordinator's count
+    for each task (control/intake.py `task_tokens`), never a worker's claim."""
     workers: set[str] = set()
     tokens = 0.0
+    rows = []
     for task in tasks:
         result = task.result() if task.trial == number and task.state == "accepted" else None
         if result is not None:
             workers.add(result.worker_id)
             tokens += result.tokens
-    return workers, tokens
+            rows.append(
+                {
+                    "task_id": task.task_id,
+                    "round": task.round,
+                    "shard": task.shard,
+                    "duplicate_of": task.duplicate_of,
+                    "worker": result.worker_id,
+                    "owner": result.owner,
+                    "tokens": result.tokens,
+                }
+            )
+    return workers, tokens, rows
 
 
 def results_document(
@@ -66,7 +84,7 @@ def results_document(
     rows = []
     everyone: set[str] = set()
     for trial in trials:
-        workers, tokens = _trial_stats(tasks, trial.number)
+        workers, tokens, task_rows = _trial_stats(tasks, trial.number)
         everyone |= workers
         rows.append(
             {
@@ -78,6 +96,7 @@ def results_document(
                 "error": trial.error,
                 "workers": len(workers),
                 "tokens": tokens,
+                "tasks": task_rows,
             }
         )
     return {

@@ -5,10 +5,14 @@ coordinator-controlled node. It is idempotent and resumable, because a coordinat
 at any instant and its successor runs it again:
 
     1. jobs/<job>/trials/<t>/r<round>/merged/eval.json exists -> the round is done: return it
-    2. merged/adapter_config.json exists -> the merge was uploaded: skip to 4
-    3. download the K adapters (sha256 checked), `merge_adapters` (the merge library,
-       weights = each adapter's trained tokens), upload weights, metrics and card first and
-       adapter_config.json last (its presence means the upload is whole)
+    2. merged/adapter_config.json exists -> the merge was uploaded: download it, go to 4
+    3. download the K adapters' weights (sha256 checked) and write beside each the
+       adapter_config.json the coordinator derived from the task (never the worker's, whose
+       adapter_config.json and metrics.json are not read), `merge_adapters` (the merge
+       library) with explicit weights: the shards' rows from the manifest (never a worker's
+       token count); evaluate it locally, then upload weights and card first and
+       adapter_config.json last (its presence means the upload is whole), naming as its base
+       model the folder the evaluation loaded (the built-in model's, on this node)
     4. evaluate on the job's eval split with `cotune evaluate` in a subprocess, upload
        eval.json (the marker that the round is done)
 
@@ -32,7 +36,8 @@ from typing import Any
 from cotune.orchestrator.data.objectstore import ObjectStore
 
 EVAL_FILE = "eval.json"
-MERGE_UPLOAD_ORDER = ("adapter_model.safetensors", "metrics.json", "README.md")
+WEIGHTS_FILE = "adapter_model.safetensors"
+MERGE_UPLOAD_ORDER = (WEIGHTS_FILE, "metrics.json", "README.md")
 MERGE_COMPLETE_FILE = "adapter_config.json"  # uploaded last
 EVALUATE_TIMEOUT_S = 4 * 3600.0
 
@@ -78,7 +83,9 @@ class MergeRequest:
     job_id: str
     trial: int
     round: int
-    adapters: tuple[dict[str, StoredFile], ...]  # per shard: file name -> stored object
+    adapters: tuple[StoredFile, ...]  # per shard: its adapter_model.safetensors
+    weights: tuple[float, ...]  # per shard: its rows (the manifest's)
+    adapter_config: str  # JSON: the adapter_config.json of every shard's upload
     out_prefix: str
     method: str
     rank: int | None
@@ -117,9 +124,12 @@ def merge_and_evaluate(request: MergeRequest) -> MergeOutcome:
         merged_now = not store.exists(prefix + MERGE_COMPLETE_FILE)
         if merged_now:
             _merge(request, store, Path(tmp), merged)
+            result = run_evaluate(request.evaluation, store, adapter=merged)
+            _name_base(merged, result)
+            _upload_merged(store, prefix, merged)
         else:
             _download_merged(store, prefix, merged)
-        result = run_evaluate(request.evaluation, store, adapter=merged)
+            result = run_evaluate(request.evaluation, store, adapter=merged)
     store.put_bytes(prefix + EVAL_FILE, (json.dumps(result, indent=2) + "\n").encode())
     return _outcome(request, result, merged_now=merged_now, started=started)
 
@@ -139,10 +149,10 @@ def _merge(request: MergeRequest, store: ObjectStore, tmp: Path, merged: Path) -
     from cotune.orchestrator.merge.merger import merge_adapters
 
     inputs = []
-    for shard, files in enumerate(request.adapters):
+    for shard, stored in enumerate(request.adapters):
         folder = tmp / f"shard-{shard}"
-        for name, stored in files.items():
-            store.get_file(stored.key, folder / name, expected_sha256=stored.sha256)
+        store.get_file(stored.key, folder / WEIGHTS_FILE, expected_sha256=stored.sha256)
+        (folder / MERGE_COMPLETE_FILE).write_text(request.adapter_config)
         inputs.append(folder)
     try:
         merge_adapters(
@@ -150,6 +160,7 @@ def _merge(request: MergeRequest, store: ObjectStore, tmp: Path, merged: Path) -
             merged,
             method=request.method,
             rank=request.rank,
+            weights=list(request.weights),
             density=request.density,
             seed=request.seed,
         )
@@ -157,6 +168,21 @@ def _merge(request: MergeRequest, store: ObjectStore, tmp: Path, merged: Path) -
         raise MergeFailed(
             f"merging trial {request.trial} round {request.round} of {request.job_id}: {exc}"
         ) from exc
+
+
+def _name_base(merged: Path, result: dict[str, Any]) -> None:
+    """The merged config names as its base the folder `cotune evaluate` loaded, where it
+    says (a built-in model's is built on this node), so the adapter loads from its config."""
+    base = result.get("base_model")
+    if not base:
+        return
+    config_file = merged / MERGE_COMPLETE_FILE
+    config = json.loads(config_file.read_text())
+    config["base_model_name_or_path"] = str(base)
+    config_file.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _upload_merged(store: ObjectStore, prefix: str, merged: Path) -> None:
     names = [n for n in MERGE_UPLOAD_ORDER if (merged / n).is_file()]
     others = sorted(
         p.name
@@ -164,7 +190,7 @@ def _merge(request: MergeRequest, store: ObjectStore, tmp: Path, merged: Path) -
         if p.is_file() and p.name not in (*MERGE_UPLOAD_ORDER, MERGE_COMPLETE_FILE)
     )
     for name in [*names, *others, MERGE_COMPLETE_FILE]:
-        store.put_file(request.out_prefix + name, merged / name)
+        store.put_file(prefix + name, merged / name)
 
 
 def _download_merged(store: ObjectStore, prefix: str, folder: Path) -> None:
@@ -176,10 +202,24 @@ def _download_merged(store: ObjectStore, prefix: str, folder: Path) -> None:
 
 def run_evaluate(setup: EvalSetup, store: ObjectStore, *, adapter: Path | None) -> dict[str, Any]:
     """`cotune evaluate` in a subprocess: its result mapping (eval_loss, eval_tokens, ...)."""
-    work = Path(setup.work_dir)
-    eval_file = work / "eval" / f"{setup.eval_file.sha256}-{Path(setup.eval_file.key).name}"
+    return evaluate_file(setup, fetch_eval(setup, store), adapter=adapter)
+
+
+def fetch_eval(setup: EvalSetup, store: ObjectStore) -> Path:
+    """The eval split in the work folder (downloaded once, sha256 checked)."""
+    eval_file = (
+        Path(setup.work_dir)
+        / "eval"
+        / (f"{setup.eval_file.sha256}-{Path(setup.eval_file.key).name}")
+    )
     if not eval_file.is_file():
         store.get_file(setup.eval_file.key, eval_file, expected_sha256=setup.eval_file.sha256)
+    return eval_file
+
+
+def evaluate_file(setup: EvalSetup, eval_file: Path, *, adapter: Path | None) -> dict[str, Any]:
+    """`cotune evaluate` of the task in `setup` on the local `eval_file`."""
+    work = Path(setup.work_dir)
     with tempfile.TemporaryDirectory(prefix="evaluate-", dir=work) as tmp:
         task_file = Path(tmp) / "task.json"
         task_file.write_text(setup.task_json)

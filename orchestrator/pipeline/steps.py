@@ -2,18 +2,22 @@
 
 orchestrator/pipeline/reconciler.py runs the loop and explains the lifecycle and the crash points;
 this module holds the steps themselves: shard, ask trials, advance each trial round by
-round (queue tasks, merge and evaluate, report, prune or go on), tell Optuna, export.
+round (queue tasks, verify volunteers' results (pipeline/verification.py), merge and
+evaluate, report, prune or go on), tell Optuna, export.
 `JobContext` caches what is derived from Redis (the parsed spec, the manifest, the study)
 and the handles of work in flight on the pool; losing it (a restart) loses nothing.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cotune.orchestrator.control.intake import adapter_config
 from cotune.orchestrator.control.queue import Queue
 from cotune.orchestrator.control.records import JobRecord, TaskRecord, TrialRecord
 from cotune.orchestrator.data.layout import base_eval_key, data_key, manifest_key, merged_prefix
@@ -31,11 +35,13 @@ from cotune.orchestrator.pipeline.roundmerge import (
 )
 from cotune.orchestrator.pipeline.rounds import round_tasks, start_adapter
 from cotune.orchestrator.pipeline.study import JobStudy, max_concurrent
+from cotune.orchestrator.pipeline.upload_checks import check_fields
+from cotune.orchestrator.pipeline.verification import RoundView, Verification, VerifyMemory
 from cotune.orchestrator.protocol.spec import SpecError, SweepSpec, parse_spec_yaml
 from cotune.orchestrator.protocol.spec.checks import effective_trials
 from cotune.orchestrator.protocol.states import ENDED_TASK_STATES
 from cotune.orchestrator.protocol.task import TrainTask
-from cotune.orchestrator.protocol.wire import ADAPTER_FILES
+from cotune.orchestrator.protocol.wire import ADAPTER_WEIGHTS
 
 if TYPE_CHECKING:
     from cotune.orchestrator.control.state import State
@@ -61,9 +67,11 @@ class JobContext:
     merge_failures: dict[tuple[int, int], int] = field(default_factory=dict)
     base_eval: Any = None
     base_eval_failed: bool = False
+    verify: VerifyMemory = field(default_factory=VerifyMemory)
 
     def close(self) -> None:
         self.merges.clear()
+        self.verify.clear()
 
 
 class JobSteps:
@@ -89,6 +97,9 @@ class JobSteps:
             access_key=settings.s3_access_key,
             secret_key=settings.s3_secret_key,
             region=settings.s3_region,
+        )
+        self.verification = Verification(
+            state, store, pool, self.store_config, work_dir, max_strikes=settings.max_strikes
         )
 
     def advance(self, job: JobRecord, ctx: JobContext) -> None:
@@ -194,7 +205,8 @@ class JobSteps:
         if n >= spec.rounds:
             self._finish_trial(study, job.job_id, number, "complete", trial.eval_losses[-1])
             return
-        tasks = self.state.tasks_for(job.job_id, number, n)
+        every = self.state.tasks_for(job.job_id, number, n)  # redundancy duplicates too
+        tasks = [t for t in every if t.duplicate_of is None]
         if not tasks and n > 0:
             # The decision point after round n-1: made only while round n has no task.
             study.report(number, n - 1, trial.eval_losses[n - 1])
@@ -206,15 +218,39 @@ class JobSteps:
             return
         if any(t.state in ENDED_TASK_STATES for t in tasks):
             return  # the task's failure failed the trial too (scripts.py, `settle`)
+        for r in (n - 1, n) if n > 0 else (n,):  # a late duplicate of the last round too
+            round_tasks_ = every if r == n else self.state.tasks_for(job.job_id, number, r)
+            if any(t.state == "verifying" for t in round_tasks_):
+                self.verification.step(ctx.verify, self._round_view(job, ctx, trial, r))
+        tasks = [t for t in self.state.tasks_for(job.job_id, number, n) if t.duplicate_of is None]
         if all(t.state == "accepted" for t in tasks):
             self._merge_round(job, ctx, trial, n, tasks)
+
+    def _round_view(self, job: JobRecord, ctx: JobContext, trial: TrialRecord, r: int) -> RoundView:
+        """What the verification step needs of (trial, round r): the trust settings and the
+        round's start loss (the base model's in round 0, measured once per job)."""
+        if r == 0:
+            known, baseline = self._base_loss(job, ctx)
+        else:
+            known, baseline = True, trial.eval_losses[r - 1]
+        return RoundView(
+            job_id=job.job_id,
+            trial=trial.number,
+            round=r,
+            trust=self._trial_spec(ctx, trial).trust,
+            baseline=baseline,
+            baseline_known=known,
+            eval_setup=lambda task_json: self._eval_setup(ctx, task_json),
+        )
 
     def _enqueue_round(self, job: JobRecord, ctx: JobContext, trial: TrialRecord, n: int) -> None:
         assert ctx.manifest is not None
         start = start_adapter(self.store, job.job_id, trial.number, n - 1) if n > 0 else None
+        trial_spec = self._trial_spec(ctx, trial)
+        trust = check_fields(self.store, trial_spec, job.job_id, trial.number, n)
         for task in round_tasks(
             job_id=job.job_id,
-            trial_spec=self._trial_spec(ctx, trial),
+            trial_spec=trial_spec,
             manifest=ctx.manifest,
             trial=trial.number,
             round=n,
@@ -222,7 +258,8 @@ class JobSteps:
             max_attempts=self.settings.max_attempts,
             store=self.store,
         ):
-            self.state.enqueue_task(task)  # a no-op for a task queued before a restart
+            # a no-op for a task queued before a restart
+            self.state.enqueue_task(dataclasses.replace(task, **trust))
 
     def _merge_round(
         self, job: JobRecord, ctx: JobContext, trial: TrialRecord, n: int, tasks: list[TaskRecord]
@@ -273,24 +310,23 @@ class JobSteps:
     def _merge_request(
         self, job: JobRecord, ctx: JobContext, trial: TrialRecord, n: int, tasks: list[TaskRecord]
     ) -> MergeRequest:
+        assert ctx.manifest is not None
         spec = self._trial_spec(ctx, trial)
         adapters = []
         for task in tasks:
             result = task.result()
             if result is None:
                 raise RuntimeError(f"task {task.task_id} is accepted without a result")
-            adapters.append(
-                {
-                    name: StoredFile(ref.key, ref.sha256)
-                    for name, ref in result.artifacts.items()
-                    if name in ADAPTER_FILES
-                }
-            )
+            weights = result.artifacts[ADAPTER_WEIGHTS]
+            adapters.append(StoredFile(weights.key, weights.sha256))
+        # Weights: the shards' sizes as the manifest has them; the config: the coordinator's.
         return MergeRequest(
             job_id=job.job_id,
             trial=trial.number,
             round=n,
             adapters=tuple(adapters),
+            weights=tuple(float(ctx.manifest.shards[t.shard].rows) for t in tasks),
+            adapter_config=json.dumps(adapter_config(tasks[0])),
             out_prefix=merged_prefix(job.job_id, trial.number, n),
             method=spec.merge.method,
             rank=spec.merge.rank,
@@ -366,8 +402,6 @@ class JobSteps:
             return True, float(loss)
         if ctx.base_eval_failed:
             return True, None
-        import json
-
         return True, float(json.loads(self.store.get_bytes(key))["eval_loss"])
 
     # --- the end ------------------------------------------------------------------------

@@ -9,6 +9,11 @@
     GET  /v1/jobs/{job_id}/events      text/event-stream of EventBody           (admin)
     GET  /v1/jobs/{job_id}/download                         -> DownloadList     (admin)
     POST /v1/tokens/join               JoinTokenRequest     -> JoinTokenResponse (admin)
+    GET  /v1/tokens/join                                    -> JoinTokenList    (admin)
+    DELETE /v1/tokens/join/{name}                           -> JoinTokenRevoked (admin)
+    GET  /v1/owners                                         -> OwnerList        (admin)
+    POST /v1/owners/{name}/quarantine                       -> OwnerQuarantined (admin)
+    DELETE /v1/owners/{name}/quarantine                     -> OwnerPardoned    (admin)
     GET  /v1/workers                                        -> WorkerList       (admin)
     GET  /v1/leaderboard                                    -> Leaderboard      (public)
 
@@ -36,13 +41,21 @@ class SubmitResponse(WireModel):
 class TaskCounts(WireModel):
     queued: NonNegInt = 0
     leased: NonNegInt = 0
+    verifying: NonNegInt = 0
     accepted: NonNegInt = 0
     failed: NonNegInt = 0
     cancelled: NonNegInt = 0
 
     @property
     def total(self) -> int:
-        return self.queued + self.leased + self.accepted + self.failed + self.cancelled
+        return (
+            self.queued
+            + self.leased
+            + self.verifying
+            + self.accepted
+            + self.failed
+            + self.cancelled
+        )
 
 
 class JobSummary(WireModel):
@@ -77,6 +90,9 @@ class TaskView(WireModel):
     max_steps: NonNegInt = 0
     loss: float | None = None
     error: str | None = None
+    duplicate_of: str | None = Field(
+        None, description="A redundancy run: the task it trains again (not a shard of its own)."
+    )
 
 
 class TrialView(WireModel):
@@ -125,6 +141,9 @@ class JoinTokenRequest(WireModel):
     ttl_s: Annotated[float, Field(gt=0, le=366 * 24 * 3600)] | None = Field(
         None, description="Seconds until the token stops enrolling workers; none: never."
     )
+    max_uses: Annotated[int, Field(ge=1, le=1_000_000)] | None = Field(
+        None, description="Workers it may enroll at most; none: no limit."
+    )
 
 
 class JoinTokenResponse(WireModel):
@@ -132,6 +151,64 @@ class JoinTokenResponse(WireModel):
     name: str
     kind: Literal["volunteer", "cluster"]
     expires_at: float | None = None
+    max_uses: int | None = None
+
+
+class JoinTokenView(WireModel):
+    """A join token as listed: never the token itself (the coordinator keeps only its hash)."""
+
+    name: str
+    kind: Literal["volunteer", "cluster"]
+    created_at: float
+    expires_at: float | None = None
+    uses: NonNegInt = Field(0, description="Workers enrolled with it so far.")
+    max_uses: int | None = None
+    revoked_at: float | None = None
+
+
+class JoinTokenList(WireModel):
+    tokens: list[JoinTokenView]
+
+
+class JoinTokenRevoked(WireModel):
+    """What a revocation did now (a repeat revokes nothing more: zeros)."""
+
+    name: str
+    tokens: NonNegInt = Field(description="Join tokens of that name revoked now.")
+    workers: NonNegInt = Field(description="Worker tokens enrolled with them, revoked now.")
+    leases: NonNegInt = Field(description="Their active leases, revoked (tasks queued again).")
+
+
+class OwnerView(WireModel):
+    """An owner (a join token's name: its workers' credit and strikes go to it) as listed."""
+
+    name: str
+    strikes: float = Field(description="Strikes against it now (control/strikes.py).")
+    quarantined: bool = Field(description="No more work for its workers, no more credit.")
+    workers: NonNegInt = Field(description="Workers enrolled under its name.")
+
+
+class OwnerList(WireModel):
+    """Every owner with an enrolled worker, a strike or a quarantine, by name."""
+
+    max_strikes: float = Field(description="Strikes that quarantine (COTUNE_MAX_STRIKES).")
+    owners: list[OwnerView]
+
+
+class OwnerQuarantined(WireModel):
+    """What a quarantine did now (a repeat revokes nothing more: 0 leases)."""
+
+    name: str
+    strikes: float = Field(description="Its strikes now: the limit, once it has a volunteer.")
+    leases: NonNegInt = Field(description="Its workers' active leases, revoked (tasks queued).")
+
+
+class OwnerPardoned(WireModel):
+    """What a pardon lifted: the owner's strikes were cleared, its quarantine lifted."""
+
+    name: str
+    strikes: float = Field(description="The strikes cleared.")
+    quarantined: bool = Field(description="True if it was quarantined until now.")
 
 
 class WorkerView(WireModel):

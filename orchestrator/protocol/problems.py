@@ -79,3 +79,13 @@ class Unavailable(Problem):
     """A service the coordinator needs (Redis, S3) does not answer; retry later."""
 
     code = "unavailable"
+
+
+class RateLimited(Problem):
+    """Too many calls with one token; the answer says when to call again (Retry-After)."""
+
+    code = "rate_limited"
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

@@ -2,7 +2,9 @@
 the API models, the CLI and the Lua scripts (which receive it from Python) all use.
 
 Job lifecycle: pending -> sharding -> running -> merging -> succeeded | failed | cancelled
-(orchestrator/pipeline/reconciler.py explains each step).
+(orchestrator/pipeline/reconciler.py explains each step). Task lifecycle: queued -> leased ->
+accepted, through `verifying` for a volunteer's result (the coordinator's heavy checks,
+orchestrator/pipeline/verification.py); a rejected result sends the task back to queued.
 """
 
 from __future__ import annotations
@@ -11,8 +13,8 @@ from typing import Literal, get_args
 
 JobState = Literal["pending", "sharding", "running", "merging", "succeeded", "failed", "cancelled"]
 TrialState = Literal["running", "pruned", "complete", "failed"]
-TaskState = Literal["queued", "leased", "accepted", "failed", "cancelled"]
-LeaseState = Literal["active", "completed", "failed", "released", "expired"]
+TaskState = Literal["queued", "leased", "verifying", "accepted", "failed", "cancelled"]
+LeaseState = Literal["active", "completed", "failed", "released", "expired", "revoked"]
 
 JOB_STATES: tuple[JobState, ...] = get_args(JobState)
 TRIAL_STATES: tuple[TrialState, ...] = get_args(TrialState)

@@ -76,6 +76,8 @@ ErrorCode = Literal[
     "lease_expired",  # 409: the lease ran past its deadline; the task went back to the queue
     "stale_lease",  # 409: the task was leased again (a newer attempt) or already finished
     "rejected",  # 422: an upload or report failed the coordinator's checks
+    "too_large",  # 413: the request body is over the limit of its route
+    "rate_limited",  # 429: too many calls with this token; retry after Retry-After seconds
     "unavailable",  # 503: the coordinator cannot serve now; retry with backoff
 ]
 Action = Literal["continue", "stop"]
@@ -223,10 +225,12 @@ class TaskLease(WireModel):
 
 
 class LeaseResponse(WireModel):
-    """Either a task, or how long to wait before asking again."""
+    """Either a task, or how long to wait before asking again (and why, if not for want of
+    work: the worker holds as many leases as it may)."""
 
     task: TaskLease | None = None
     retry_after_s: Annotated[float, Field(ge=0, le=3600)] | None = None
+    reason: Annotated[str, StringConstraints(max_length=1000)] | None = None
 
     @model_validator(mode="after")
     def _one_of(self) -> Self:

@@ -71,6 +71,24 @@ class _Agent:
         self.proc.stop()
 
 
+LOOPBACK = "127.0.0.1"
+
+
+def _keep_loopback() -> None:
+    """Make a local Ray listen on loopback only.
+
+    Ray 2.60 binds its gRPC servers (GCS, raylet, workers, agents) to the node's IP and, for
+    a node IP of 127.0.0.1, to loopback alone; but `ray.init` first turns a loopback
+    `_node_ip_address` into the machine's reachable IP (`services.resolve_ip_for_localhost`),
+    so a local Ray listens on every interface. A local Ray serves this machine only (the
+    embedded stack, the tests), so the conversion is switched off here; a cluster's Ray
+    (RAY_ADDRESS) is not touched. tests/security/test_loopback.py lists the sockets.
+    """
+    import ray._private.services as services
+
+    services.resolve_ip_for_localhost = lambda host: host
+
+
 class RayPool:
     """Connects to Ray once; see the module docstring."""
 
@@ -102,7 +120,9 @@ class RayPool:
                 ray.init(address=address, namespace="cotune", log_to_driver=False)
             else:
                 agents = launch.max_agents if launch else 0
+                _keep_loopback()
                 ray.init(
+                    _node_ip_address=LOOPBACK,
                     num_cpus=num_cpus or max(os.cpu_count() or 1, agents + 2),
                     include_dashboard=False,
                     object_store_memory=LOCAL_OBJECT_STORE_BYTES,

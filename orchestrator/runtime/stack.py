@@ -1,7 +1,9 @@
 """The embedded stack: Redis and S3 (SeaweedFS) run as child processes under one home folder.
 
-`cotune up` runs it in the foreground; `cotune run` and the tests start it in-process. A
-second start on the same home attaches to the running stack rather than starting another.
+`cotune up` runs it in the foreground and restarts a service that dies (`revive`, from its
+AOF or data folder, on the same ports; runtime/up.py); `cotune run` and the tests start it
+in-process. A second start on the same home attaches to the running stack rather than
+starting another.
 
 Home layout:
     stack.json        endpoints, pids and owner, present while a stack runs
@@ -17,12 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from types import FrameType, TracebackType
-from typing import Any
+from types import TracebackType
 from urllib.parse import urlsplit
 
 from cotune.orchestrator.runtime.services.credentials import CREDENTIALS_FILE, StackCredentials
@@ -45,9 +45,11 @@ from cotune.orchestrator.runtime.services.stackfile import (
     write_json,
     write_ports,
 )
+from cotune.orchestrator.runtime.services.supervisor import Restart, RestartBudget, describe_exit
 from cotune.orchestrator.settings import Settings
 
 _LEFTOVER_GRACE_S = 2.5
+_RESTART_TIMEOUT_S = 30.0  # weed waits for its volumes to register again
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,7 @@ class EmbeddedStack:
         self._redis: RedisServer | None = None
         self._seaweed: SeaweedServer | None = None
         self._info: StackInfo | None = None
+        self._budgets = {"redis": RestartBudget(), "seaweed": RestartBudget()}
 
     @property
     def info(self) -> StackInfo:
@@ -193,6 +196,49 @@ class EmbeddedStack:
                 "seaweed": self._seaweed is not None and self._seaweed.running(),
             }
         return [name for name, up in alive.items() if not up]
+
+    def revive(self, name: str) -> Restart:
+        """Restart the service `name` ("redis" or "seaweed") after it died: from its AOF or
+        data folder, on the same ports, so every client and presigned URL still reaches it.
+
+        Raises StackError when it has used its restart budget (RestartBudget: a service
+        that keeps dying is broken, not unlucky), when this stack was attached to (its
+        owner supervises it), or when it does not come back.
+        """
+        info = self.info
+        server = {"redis": self._redis, "seaweed": self._seaweed}.get(name)
+        if info.attached or server is None:
+            raise StackError(f"cannot restart {name!r}: not a service this process started")
+        budget, log = self._budgets[name], self.log_paths()[name]
+        old, code = server.ident, server.exit_code()
+        if not budget.take():
+            raise StackError(
+                f"{name} {describe_exit(code)} after {budget.limit} restarts within "
+                f"{budget.window_s:.0f} s; not restarting it again (log {log})"
+            )
+        with home_lock(self.home):
+            try:
+                took = server.restart(_RESTART_TIMEOUT_S)
+            except ServiceError as exc:
+                raise StackError(f"{name} did not come back after it died: {exc}") from exc
+            self._info = replace(info, pids={**info.pids, name: server.ident.pid})
+            self._write_record()
+        if isinstance(server, RedisServer):
+            source, where = "its AOF", f"port {server.port}"
+        else:
+            source, where = "its data folder", f"S3 port {server.ports.s3}"
+        return Restart(
+            service=name,
+            old_pid=old.pid,
+            exit_code=code,
+            new_pid=server.ident.pid,
+            source=source,
+            where=where,
+            took_s=took,
+            used=budget.used,
+            limit=budget.limit,
+            window_s=budget.window_s,
+        )
 
     def log_paths(self) -> dict[str, Path]:
         return {
@@ -268,16 +314,8 @@ class EmbeddedStack:
             raise
         startup_s = time.monotonic() - began
         self._redis, self._seaweed = redis, seaweed
-        record = StackRecord(
-            owner=ProcessId.of(os.getpid()),
-            redis_port=redis.port,
-            redis=redis.ident,
-            seaweed_ports=seaweed.ports,
-            seaweed=seaweed.ident,
-            bucket=self.bucket,
-        )
         write_ports(self.home, redis.port, seaweed.ports)
-        write_json(self.home / STACK_FILE, record.to_json(self.home))
+        self._write_record()
         return StackInfo(
             home=self.home,
             redis_url=redis.url,
@@ -291,97 +329,22 @@ class EmbeddedStack:
             startup_s=startup_s,
         )
 
+    def _write_record(self) -> None:
+        """stack.json for the services this process runs (their current pids)."""
+        assert self._redis is not None and self._seaweed is not None
+        record = StackRecord(
+            owner=ProcessId.of(os.getpid()),
+            redis_port=self._redis.port,
+            redis=self._redis.ident,
+            seaweed_ports=self._seaweed.ports,
+            seaweed=self._seaweed.ident,
+            bucket=self.bucket,
+        )
+        write_json(self.home / STACK_FILE, record.to_json(self.home))
+
     def _preferred_ports(self) -> tuple[int, SeaweedPorts]:
         """Last run's ports when all are free (endpoints stay put), else fresh ones."""
         last = read_ports(self.home)
         if last is not None and ports_free([last[0], *last[1].to_json().values()]):
             return last
         return free_port(), SeaweedPorts.allocate()
-
-
-def run_up(settings: Settings, workers: int | None = None) -> int:
-    """`cotune up`: the embedded stack and the coordinator (Ray, the API, the reconciler and
-    up to `workers` local workers; orchestrator/runtime/coordinator.py), in the foreground until
-    Ctrl-C or SIGTERM."""
-    from rich.console import Console
-
-    console = Console(soft_wrap=True, highlight=False)
-    if not settings.embedded:
-        given = [
-            name
-            for name, value in (
-                ("COTUNE_REDIS_URL", settings.redis_url),
-                ("COTUNE_S3_ENDPOINT", settings.s3_endpoint),
-            )
-            if value
-        ]
-        console.print(
-            f"[red]error:[/] cotune up runs the embedded Redis and S3, but {' and '.join(given)} "
-            "point cotune at external services; unset them to run the embedded stack"
-        )
-        return 2
-    from cotune.orchestrator.runtime.coordinator import CoordinatorService, print_service
-
-    stack = EmbeddedStack(settings.home, settings.s3_bucket)
-    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
-    code = 0
-    service: CoordinatorService | None = None
-    try:
-        info = stack.start()
-        if info.attached:
-            console.print(
-                f"[red]error:[/] a stack already runs on {info.home} (pid {info.owner_pid}); "
-                "use it, or stop it first"
-            )
-            return 1
-        # The coordinator depends on the stack: started after it, stopped before it.
-        service = CoordinatorService(settings_for_stack(info, settings), workers=workers)
-        service.start()
-        _print_endpoints(console, info)
-        print_service(console, service, info.home)
-        console.print("Ctrl-C or SIGTERM stops it.")
-        console.file.flush()
-        while True:
-            time.sleep(0.5)
-            dead = stack.dead_services() + service.dead_parts()
-            if dead:
-                logs = stack.log_paths()
-                where = ", ".join(
-                    f"{name} (log {logs[name]})" if name in logs else name for name in dead
-                )
-                console.print(f"[red]error:[/] {where} stopped unexpectedly; stopping the stack")
-                code = 1
-                break
-    except KeyboardInterrupt:
-        console.print("stopping the embedded stack ...")
-    except (StackError, RuntimeError, OSError) as exc:  # RuntimeError: the API's port taken
-        console.print(f"[red]error:[/] {exc}")
-        code = 1
-    finally:
-        for sig in previous:  # a second Ctrl-C must not cut the stop short
-            signal.signal(sig, signal.SIG_IGN)
-        if service is not None:
-            service.stop()
-        try:
-            stack.stop()
-        except (StackError, ServiceError) as exc:
-            console.print(f"[red]error:[/] stopping the stack: {exc}")
-            code = 1
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if code == 0:
-        console.print("stopped")
-    return code
-
-
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-def _print_endpoints(console: Any, info: StackInfo) -> None:
-    console.print(f"[bold green]cotune stack ready[/] in {info.startup_s:.1f} s, home {info.home}")
-    console.print(f"  redis        {info.redis_url_public}")
-    console.print(f"  s3           {info.s3_endpoint}  bucket {info.s3_bucket}")
-    console.print(f"  credentials  {info.home / CREDENTIALS_FILE}")
-    console.print(f"  logs         {info.home / 'logs'}")
-    console.print(f"  pids         redis {info.pids['redis']}, seaweed {info.pids['seaweed']}")

@@ -14,6 +14,9 @@ caller's own mistake raises `VerifyError`. Public API:
         the adapter_config.json written from the task; the uploaded one is never read
     deltas.change_norm(upload, start) -> float / deltas.change_cosine(x, y, start) -> float
         ||B_s A_s - B_0 A_0||_F and cosines of changes, factored (no dense d x d matrix)
+    bounds.overreach(upload, start, StepBudget(...)) -> Overreach | None
+        the factor furthest past what the task's AdamW steps can move a value (a hard bound
+        from Adam's worst-case step and the schedule: scaled-up deltas, random factors)
     review.review_round(uploads, start, *, thresholds=None) -> RoundReview
         per-shard flags (zero_change, fresh_init, replay, norm_high, norm_low, direction)
         from robust statistics over the round's K uploads; every constant is relative
@@ -36,5 +39,5 @@ Example (`start` is the round's start adapter's factors, None in round 0):
 
 Modules: issues.py (Issue, VerifyError), header.py (the safetensors header, untrusted),
 expected.py (the task's key set; Factors), adapter.py (one upload), deltas.py (factored
-delta math), review.py (the round's robust statistics).
+delta math), bounds.py (the optimizer's reach), review.py (the round's robust statistics).
 """

@@ -8,7 +8,8 @@ of the uploads' and the start's products (deltas.py) and flags, per shard:
 
     zero_change  its change is ~0 next to the round's scale (the start adapter, or in round 0
                  an untrained fresh init, sent back): ||c|| <= replay_distance x
-                 max(||start||, the lower median of the others' ||c||), or exactly 0.
+                 max(||start||, the lower median of the others' ||c||; K = 2: ||start||
+                 alone), or exactly 0.
     fresh_init   its own delta is ~0 although the start's is not (an untrained init sent in a
                  later round): ||B A|| <= replay_distance x ||start||.
     replay       its change is another upload's: cosine > replay_cosine, or
@@ -18,9 +19,8 @@ of the uploads' and the start's products (deltas.py) and flags, per shard:
                  are theirs): ||c|| > median + mad_k x spread, spread = max(1.4826 x MAD,
                  spread_floor x median) (1.4826 x MAD estimates a normal spread's sigma; the
                  floor keeps a round of near-equal norms from flagging a 1.2x one). K <= 2:
-                 ||c|| > start_ratio x ||start||, or K = 2: the larger of two norms over
-                 pair_ratio x the other (which one is off two cannot tell; the larger is the
-                 one that would dominate a merge).
+                 ||c|| > start_ratio x ||start|| only (which of two is off, two cannot tell;
+                 a scaled-up delta meets verify/bounds.py's hard limit instead).
     norm_low     K >= 3: ||c|| < low_fraction x median (most of the work not done).
     direction    K >= 3 and the peers agree (the median over shards of each one's median
                  cosine to the others is > 0): its median cosine to the others is below
@@ -57,7 +57,6 @@ class Thresholds:
     mad_k: float = 5.0
     spread_floor: float = 0.1
     low_fraction: float = 0.1
-    pair_ratio: float = 4.0
     start_ratio: float = 10.0
     direction_fraction: float = 0.25
 
@@ -145,8 +144,9 @@ def _zero_work(
     for i in range(len(n)):
         others = np.sort(np.delete(n, i))
         # The lower median: with two others (K = 3) the plain median is their mean, and one
-        # huge upload would make its honest peers look like zero work.
-        lower = float(others[(others.size - 1) // 2]) if others.size else 0.0
+        # huge upload would make its honest peers look like zero work. With one other (K = 2)
+        # there is no median to trust: the start's scale alone.
+        lower = float(others[(others.size - 1) // 2]) if others.size >= 2 else 0.0
         reference = max(start_norm, lower)
         if n[i] == 0 or n[i] <= t.replay_distance * reference:
             zero.add(i)
@@ -220,7 +220,9 @@ def _norm_outliers(
 def _few_peers(
     live: list[int], n: np.ndarray, start_norm: float, t: Thresholds, flags: list[Flag]
 ) -> None:
-    """K <= 2: no robust spread exists; compare with the start's scale and the other."""
+    """K <= 2: no robust spread exists; compare with the start's scale only. (Not with the
+    other shard: which of two is off cannot be told, and flagging the larger would punish an
+    honest shard beside a lazy one. A scaled-up delta meets verify/bounds.py's hard limit.)"""
     for i in live:
         if start_norm > 0 and n[i] > t.start_ratio * start_norm:
             flags.append(
@@ -229,18 +231,6 @@ def _few_peers(
                     "norm_high",
                     f"change norm {n[i]:.4g} is over {t.start_ratio:g} x the start adapter's "
                     f"norm {start_norm:.4g}",
-                )
-            )
-    if len(live) == 2:
-        big, small = sorted(live, key=lambda i: n[i], reverse=True)
-        if n[big] > t.pair_ratio * n[small]:
-            flags.append(
-                Flag(
-                    big,
-                    "norm_high",
-                    f"change norm {n[big]:.4g} is {n[big] / n[small]:.3g}x the other shard's "
-                    f"{n[small]:.4g} (over {t.pair_ratio:g}x; with two shards the larger is "
-                    "flagged)",
                 )
             )
 

@@ -16,6 +16,7 @@ from cotune.orchestrator.control.state import State
 from cotune.orchestrator.protocol.task import TrainTask
 from cotune.orchestrator.protocol.wire import (
     ADAPTER_FILES,
+    ADAPTER_WEIGHTS,
     ArtifactRef,
     Capabilities,
     CheckpointRef,
@@ -49,9 +50,15 @@ def snapshot(redis: Any, prefix: str = PREFIX) -> dict[bytes, tuple[str, Any, bo
     Values, not DUMP bytes: DUMP serialises a large hash in its hash table's iteration
     order, which Redis's incremental rehashing changes on mere reads (an HGET can move it),
     so equal contents could compare unequal.
+
+    Left out: the rate limiter's buckets (`rate:*`, control/ratelimit.py), which count every
+    call, refused or not, by design.
     """
     values: dict[bytes, tuple[str, Any, bool]] = {}
+    rate = (prefix + "rate:").encode()
     for key in sorted(redis.scan_iter(match=prefix + "*")):
+        if key.startswith(rate):
+            continue
         kind = redis.type(key).decode()
         value: Any
         if kind == "string":
@@ -149,10 +156,37 @@ def upload_checkpoint(
     return CheckpointRef(step=step, archive=ref)
 
 
-def result_of(lease: TaskLease, tokens: int = 512) -> CompleteRequest:
-    """Upload the adapter files of a finished task and build its completion."""
-    artifacts = {
-        name: upload(lease.outputs.adapter[name], f"{name} of {lease.task_id}".encode())
-        for name in ADAPTER_FILES
+def adapter_tensors(task: TrainTask, *, seed: int = 0, scale: float = 0.01) -> dict[str, Any]:
+    """LoRA factors of exactly the keys and shapes `task` implies for its built-in base model
+    (numpy float32), small random values: what an honest upload's header looks like."""
+    import numpy as np
+    from cotune.orchestrator.protocol.builtin_models import builtin_config
+    from cotune.orchestrator.protocol.memory import ModelShape
+    from cotune.orchestrator.verify.expected import expected_adapter
+
+    config = builtin_config(task.base_model)
+    assert config is not None, f"{task.base_model}: the kit builds adapters of built-in models"
+    expected = expected_adapter(ModelShape.from_config(config), task.lora)
+    rng = np.random.default_rng(seed)
+    return {
+        key: (scale * rng.standard_normal(shape)).astype(np.float32)
+        for key, shape in expected.shapes.items()
     }
+
+
+def safetensors_bytes(tensors: dict[str, Any]) -> bytes:
+    from safetensors.numpy import save
+
+    return save(tensors, metadata={"format": "pt"})
+
+
+def result_of(lease: TaskLease, tokens: int = 512, weights: bytes | None = None) -> CompleteRequest:
+    """Upload the adapter files of a finished task and build its completion: `weights` as
+    adapter_model.safetensors (by default an honest-looking adapter of the task's shape),
+    opaque bytes for the other files, `tokens` as the worker's (never trusted) claim."""
+    data = {name: f"{name} of {lease.task_id}".encode() for name in ADAPTER_FILES}
+    data[ADAPTER_WEIGHTS] = (
+        weights if weights is not None else safetensors_bytes(adapter_tensors(lease.task))
+    )
+    artifacts = {name: upload(lease.outputs.adapter[name], data[name]) for name in ADAPTER_FILES}
     return CompleteRequest(artifacts=artifacts, metrics={"tokens": tokens, "steps": 4})

@@ -112,7 +112,11 @@ class ServedCoordinator:
         self.context = dataclasses.replace(context, leases=self.leases)  # type: ignore[arg-type]
         self.state = context.state
         self.store = store
-        self.join_token, _ = JoinTokens(redis, self.state.keys).create("agent-tests")
+        # A cluster worker's token: its results are accepted at `complete` (a volunteer's
+        # wait in `verifying` for the reconciler's heavy checks, not run here; tests/security/).
+        self.join_token, _ = JoinTokens(redis, self.state.keys).create(
+            "agent-tests", kind="cluster"
+        )
         self._server: ApiServer | None = None
         self._port = 0
         self._jobs = 0

@@ -1,5 +1,5 @@
 """The HTTP API on a real Redis and a real S3 (SeaweedFS), through FastAPI's TestClient: the
-job and worker routes, and a table of bad requests, each answered with a clear 4xx and
+job, worker and owner routes, and a table of bad requests, each answered with a clear 4xx and
 leaving every Redis key byte for byte as it was."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from cotune.orchestrator.api import ApiContext, create_app
+from cotune.orchestrator.control.verdicts import Verdicts
 from cotune.orchestrator.protocol.wire import (
     COMPLETE_PATH,
     ENROLL_PATH,
@@ -235,14 +236,108 @@ def test_the_leaderboard_and_worker_list_show_accepted_work(
     alice = enroll(api, "alice")
     held = lease(api, alice)
     path = lease_path(COMPLETE_PATH, alice, held.lease_id)
-    body = result_of(held, tokens=100).model_dump_json()
+    body = result_of(held, tokens=100).model_dump_json()  # the claim is never read
     first = api.post(path, content=body, headers=alice.headers())
-    assert first.json() == {"accepted": True, "credit": 100.0, "reason": None}
+    # A volunteer's result is taken in and credited once the heavy checks accept it.
+    assert first.json() == {"accepted": True, "credit": 0.0, "reason": None}
     assert api.post(path, content=body, headers=alice.headers()).json() == first.json()
+    assert api.get("/v1/leaderboard").json()["entries"] == []
+    waiting = coordinator.state.get_task(held.task_id)
+    assert waiting.state == "verifying"
+    assert Verdicts(coordinator.state).accept(waiting)  # as pipeline/verification.py does
     board = api.get("/v1/leaderboard").json()["entries"]  # public
-    assert board == [{"name": "alice", "tokens": 100.0, "tasks": 1}]
+    assert board == [{"name": "alice", "tokens": 512.0, "tasks": 1}]  # the task's count
     workers = api.get("/v1/workers", headers=admin()).json()["workers"]
     assert [(w["name"], w["tasks_accepted"], w["leases"]) for w in workers] == [("alice", 1, [])]
+
+
+# --- owners: strikes and quarantine, the operator's levers ---------------------------------
+
+
+def owners(api: TestClient) -> list[tuple[str, float, bool, int]]:
+    answer = api.get("/v1/owners", headers=admin())
+    assert answer.status_code == 200, answer.text
+    return [
+        (o["name"], o["strikes"], o["quarantined"], o["workers"]) for o in answer.json()["owners"]
+    ]
+
+
+def lease_answer(api: TestClient, worker: Worker) -> Any:
+    return api.post(
+        LEASE_PATH.format(worker_id=worker.worker_id),
+        content=LeaseRequest(capabilities=CPU).model_dump_json(),
+        headers=worker.headers(),
+    )
+
+
+def test_an_owner_is_listed_quarantined_and_pardoned(
+    api: TestClient, coordinator: ApiContext, object_store: Any, alpaca_dataset: Path
+) -> None:
+    job_id = submit(api, spec_yaml(str(alpaca_dataset)))
+    coordinator.state.transition_job(job_id, "running", expect=["pending"])
+    for shard in range(2):
+        new_task(coordinator.state, object_store, job_id, shard=shard)
+    alice, bob = enroll(api, "alice"), enroll(api, "bob")
+    held, bobs = lease(api, alice), lease(api, bob)
+    outcome = coordinator.strikes.add(alice.worker_id, "a strike, as a rejection records it")
+    assert (outcome.strikes, outcome.quarantined) == (1.0, False)
+    assert api.get("/v1/owners", headers=admin()).json()["max_strikes"] == 3.0
+    assert owners(api) == [("alice", 1.0, False, 1), ("bob", 0.0, False, 1)]
+
+    # Quarantine now: alice's active lease is revoked, its task queued again uncounted.
+    done = api.post("/v1/owners/alice/quarantine", headers=admin())
+    assert done.status_code == 200, done.text
+    assert done.json() == {"name": "alice", "strikes": 3.0, "leases": 1}
+    assert coordinator.leases.get_lease(held.lease_id).state == "revoked"
+    task = coordinator.state.get_task(held.task_id)
+    assert (task.state, task.failures) == ("queued", 0)
+    assert coordinator.leases.get_lease(bobs.lease_id).state == "active"  # another owner's
+    refused = lease_answer(api, alice)
+    assert refused.status_code == 403, refused.text
+    error = ErrorBody.model_validate_json(refused.content).error
+    assert (error.code, error.field) == ("forbidden", "worker_id")
+    assert "'alice' is quarantined" in error.message
+    assert owners(api) == [("alice", 3.0, True, 1), ("bob", 0.0, False, 1)]
+    again = api.post("/v1/owners/alice/quarantine", headers=admin())  # nothing more to revoke
+    assert again.json() == {"name": "alice", "strikes": 3.0, "leases": 0}
+
+    # Pardon: strikes cleared, quarantine lifted, alice leases at once.
+    pardoned = api.delete("/v1/owners/alice/quarantine", headers=admin())
+    assert pardoned.status_code == 200, pardoned.text
+    assert pardoned.json() == {"name": "alice", "strikes": 3.0, "quarantined": True}
+    assert owners(api) == [("alice", 0.0, False, 1), ("bob", 0.0, False, 1)]
+    resumed = lease(api, alice)
+    assert (resumed.task_id, resumed.attempt) == (held.task_id, 2)
+    assert api.delete("/v1/owners/alice/quarantine", headers=admin()).status_code == 404
+
+
+def test_an_owner_no_token_has_yet_can_be_banned_in_advance(api: TestClient) -> None:
+    done = api.post("/v1/owners/carol/quarantine", headers=admin())
+    assert done.json() == {"name": "carol", "strikes": 0.0, "leases": 0}
+    assert owners(api) == [("carol", 0.0, True, 0)]
+    join = api.post("/v1/tokens/join", json={"name": "carol"}, headers=admin()).json()["token"]
+    body = EnrollRequest(join_token=join, hardware=HARDWARE).model_dump_json()
+    refused = api.post(ENROLL_PATH, content=body)
+    assert refused.status_code == 403 and "'carol' is quarantined" in refused.text
+    pardoned = api.delete("/v1/owners/carol/quarantine", headers=admin())
+    assert pardoned.json() == {"name": "carol", "strikes": 0.0, "quarantined": True}
+    assert api.post(ENROLL_PATH, content=body).status_code == 200
+
+
+def test_the_owner_strike_limit_is_cotune_max_strikes(
+    redis_client: Any, object_store: Any, tmp_path: Path
+) -> None:
+    settings = Settings(home=tmp_path / "home", lease_ttl_s=TTL, max_strikes=2)
+    context = ApiContext.create(settings, redis_client, object_store, ADMIN)
+    api = TestClient(create_app(context), headers={"Content-Type": "application/json"})
+    alice = enroll(api, "alice")
+    assert context.strikes is context.leases.strikes  # what the routes and the leases use
+    assert not context.strikes.add(alice.worker_id, "one").quarantined
+    assert context.strikes.add(alice.worker_id, "two").quarantined
+    assert api.get("/v1/owners", headers=admin()).json() == {
+        "max_strikes": 2.0,
+        "owners": [{"name": "alice", "strikes": 2.0, "quarantined": True, "workers": 1}],
+    }
 
 
 # --- bad input: a clear 4xx, and no key changed ----------------------------------------------
@@ -366,6 +461,9 @@ class Bad:
     code: str
     fragment: str  # of the message
     field: str | None
+    # A forgery (another worker's lease, a checkpoint key never issued) earns the caller's
+    # owner a strike (control/strikes.py): the one change such a refusal makes.
+    strikes: str | None = None
 
 
 BAD_REQUESTS: dict[str, Bad] = {
@@ -427,6 +525,33 @@ BAD_REQUESTS: dict[str, Bad] = {
         lambda s: s.api.post("/v1/tokens/join", json={"name": "../x"}, headers=admin()),
         422, "invalid_request", "pattern", "name",
     ),
+    "owner list without admin token": Bad(
+        lambda s: s.api.get("/v1/owners"), 401, "unauthorized", "missing admin token", None
+    ),
+    "owner quarantine with a worker token": Bad(
+        lambda s: s.api.post("/v1/owners/bob/quarantine", headers=s.alice.headers()),
+        401, "unauthorized", "wrong admin token", None,
+    ),
+    "owner pardon without admin token": Bad(
+        lambda s: s.api.delete("/v1/owners/bob/quarantine"),
+        401, "unauthorized", "missing admin token", None,
+    ),
+    "owner quarantine of a bad name": Bad(
+        lambda s: s.api.post("/v1/owners/bob:x/quarantine", headers=admin()),
+        422, "invalid_request", "bad owner name 'bob:x': 1-64 letters", "name",
+    ),
+    "owner quarantine of a name with a slash": Bad(
+        lambda s: s.api.post("/v1/owners/bob%2Fx/quarantine", headers=admin()),
+        422, "invalid_request", "bad owner name 'bob/x'", "name",
+    ),
+    "owner pardon of a bad name": Bad(
+        lambda s: s.api.delete("/v1/owners/%25bob/quarantine", headers=admin()),
+        422, "invalid_request", "bad owner name '%bob'", "name",
+    ),
+    "owner pardon of an owner in good standing": Bad(
+        lambda s: s.api.delete("/v1/owners/bob/quarantine", headers=admin()),
+        404, "not_found", "'bob' is not quarantined and has no strikes", "name",
+    ),
     "cancel a finished job": Bad(
         lambda s: s.api.post(f"/v1/jobs/{s.finished}/cancel", headers=admin()),
         409, "conflict", "already finished (succeeded)", "job_id",
@@ -462,11 +587,11 @@ BAD_REQUESTS: dict[str, Bad] = {
     ),
     "heartbeat on another worker's lease": Bad(
         _worker_call(HEARTBEAT_PATH, "bob", "active", lambda s: BEAT),
-        403, "forbidden", "another worker", "lease_id",
+        403, "forbidden", "another worker", "lease_id", strikes="bob",
     ),
     "release of another worker's lease": Bad(
         _worker_call(RELEASE_PATH, "bob", "active", lambda s: '{"reason": "mine now"}'),
-        403, "forbidden", "another worker", "lease_id",
+        403, "forbidden", "another worker", "lease_id", strikes="bob",
     ),
     "heartbeat with a bad body": Bad(
         _worker_call(HEARTBEAT_PATH, "alice", "active", lambda s: '{"step": -1, "max_steps": 4}'),
@@ -499,6 +624,7 @@ BAD_REQUESTS: dict[str, Bad] = {
     "checkpoint at a key never issued": Bad(
         _worker_call(HEARTBEAT_PATH, "alice", "active", _foreign_checkpoint),
         422, "rejected", "not a checkpoint key issued", "checkpoint.archive.key",
+        strikes="alice",
     ),
     "unknown route": Bad(
         lambda s: s.api.get("/v1/nothing", headers=admin()), 404, "not_found", "no route", None
@@ -517,7 +643,18 @@ def test_bad_requests_get_a_clear_4xx_and_change_nothing(
     error = ErrorBody.model_validate_json(answer.content).error
     assert error.code == bad.code and bad.fragment in error.message, error
     assert error.field == bad.field
-    assert snapshot(redis_client) == before
+    after = snapshot(redis_client)
+    if bad.strikes is None:
+        assert after == before
+    else:
+        keys = scene.api.app.state.coordinator.state.keys  # type: ignore[attr-defined]
+        caller = (scene.alice if bad.strikes == "alice" else scene.bob).worker_id
+        written = {k for k in after if after[k] != before.get(k)}
+        # The strike, its log, and (for an offense with an id: a forged checkpoint) its id.
+        assert written - {keys.strike_seen().encode()} == {
+            k.encode() for k in (keys.strikes(), keys.strike_log(), keys.worker(caller))
+        }
+        assert redis_client.hget(keys.strikes(), bad.strikes) == b"1"
     if bad.status == 401:
         assert answer.headers["WWW-Authenticate"] == "Bearer"
 
@@ -538,7 +675,7 @@ def test_a_duplicate_completion_gets_the_same_answer_and_changes_nothing(
     answer = _worker_call(COMPLETE_PATH, "alice", "completed", lambda s: s.completion)(scene)
     assert answer.status_code == 200 and answer.json() == {
         "accepted": True,
-        "credit": 512.0,
+        "credit": 0.0,  # a volunteer's: pending verification
         "reason": None,
     }
     assert snapshot(redis_client) == before

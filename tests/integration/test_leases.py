@@ -59,7 +59,7 @@ def leases(state: State, object_store: Any) -> Leases:
 
 @pytest.fixture
 def workers(state: State) -> list[str]:
-    """Two enrolled workers, credited to alice and bob."""
+    """Two enrolled volunteers, credited to alice and bob."""
     registry = Workers(state)
     ids = []
     for name in ("alice", "bob"):
@@ -67,6 +67,14 @@ def workers(state: State) -> list[str]:
         record, _ = registry.enroll(token, HARDWARE)
         ids.append(record.worker_id)
     return ids
+
+
+@pytest.fixture
+def cluster(state: State) -> str:
+    """A trusted cluster worker (its results are accepted at once; today's failure rules)."""
+    token, _ = JoinTokens(state.redis, state.keys).create("cluster", kind="cluster")
+    record, _ = Workers(state).enroll(token, HARDWARE)
+    return record.worker_id
 
 
 def lease_one(leases: Leases, worker: str) -> TaskLease:
@@ -103,7 +111,8 @@ def test_heartbeats_renew_and_an_expired_lease_resumes_from_the_checkpoint(
     clock.advance(2)
     assert leases.reclaim_expired() == 1
     again = state.get_task(task.task_id)
-    assert (again.state, again.failures, again.attempt) == ("queued", 1, 1)
+    # Half a failure: the attempt left a newer checkpoint than it started from (progress).
+    assert (again.state, again.failures, again.attempt) == ("queued", 0.5, 1)
     # The next lease is attempt 2, resuming from attempt 1's checkpoint at step 2.
     second = lease_one(leases, bob)
     assert second.attempt == 2 and second.task_id == task.task_id
@@ -125,38 +134,53 @@ def test_heartbeats_renew_and_an_expired_lease_resumes_from_the_checkpoint(
 
 
 def test_completion_is_verified_credited_once_and_idempotent(
-    state: State, leases: Leases, object_store: Any, redis_client: Any, workers: list[str]
+    state: State,
+    leases: Leases,
+    object_store: Any,
+    redis_client: Any,
+    workers: list[str],
+    cluster: str,
 ) -> None:
     alice, bob = workers
     new_job(state, "j-1")
     task = new_task(state, object_store, "j-1")
-    lease = lease_one(leases, alice)
-    result = result_of(lease, tokens=10**9)  # more than 4 steps x 2 x 64 tokens could be
-    answer = leases.complete(alice, lease.lease_id, result)
-    assert answer.accepted and answer.credit == 4 * 2 * 64  # capped at what the task allows
+    lease = lease_one(leases, cluster)
+    result = result_of(lease, tokens=10**9)  # the worker's claim: never read
+    answer = leases.complete(cluster, lease.lease_id, result)
+    assert answer.accepted and answer.credit == 4 * 2 * 64  # what the task trains
     done = state.get_task(task.task_id)
     assert done.state == "accepted" and done.result().artifacts == result.artifacts  # type: ignore[union-attr]
-    assert Workers(state).leaderboard() == [("alice", 512.0, 1)]
+    assert Workers(state).leaderboard() == [("cluster", 512.0, 1)]
     before = snapshot(redis_client)
-    assert leases.complete(alice, lease.lease_id, result) == answer  # a retry: same answer
+    assert leases.complete(cluster, lease.lease_id, result) == answer  # a retry: same answer
     assert snapshot(redis_client) == before  # ... and no second credit
     other = CompleteRequest(artifacts={**result.artifacts}, metrics={"tokens": 1})
-    assert leases.complete(alice, lease.lease_id, other) == answer  # same artifacts
+    assert leases.complete(cluster, lease.lease_id, other) == answer  # same artifacts
     moved = dict(result.artifacts)
     moved["metrics.json"] = ArtifactRef(key=moved["metrics.json"].key, sha256="0" * 64, bytes=1)
     with pytest.raises(StaleLease, match="other artifacts"):
-        leases.complete(alice, lease.lease_id, CompleteRequest(artifacts=moved))
-    with pytest.raises(Forbidden):
-        leases.complete(bob, lease.lease_id, result)
+        leases.complete(cluster, lease.lease_id, CompleteRequest(artifacts=moved))
     with pytest.raises(StaleLease):
-        leases.heartbeat(alice, lease.lease_id, HeartbeatRequest(step=4, max_steps=4))
+        leases.heartbeat(cluster, lease.lease_id, HeartbeatRequest(step=4, max_steps=4))
     assert snapshot(redis_client) == before
+    with pytest.raises(Forbidden):  # another worker's lease (a strike: tests/security/)
+        leases.complete(bob, lease.lease_id, result)
+    # A volunteer's result passes the cheap checks and waits, uncredited, for the heavy
+    # checks (pipeline/verification.py): its lease is over, its task `verifying`.
+    second = new_task(state, object_store, "j-1", shard=1)
+    held = lease_one(leases, alice)
+    pending = leases.complete(alice, held.lease_id, result_of(held, tokens=10**9))
+    assert (pending.accepted, pending.credit) == (True, 0.0)
+    waiting = state.get_task(second.task_id)
+    assert waiting.state == "verifying" and waiting.result().tokens == 512  # type: ignore[union-attr]
+    assert leases.get_lease(held.lease_id).state == "completed"
+    assert Workers(state).leaderboard() == [("cluster", 512.0, 1)]
 
 
 def test_bad_results_are_refused_or_rejected(
     state: State, leases: Leases, object_store: Any, redis_client: Any, workers: list[str]
 ) -> None:
-    alice, bob = workers
+    alice, _ = workers
     new_job(state, "j-1")
     task = new_task(state, object_store, "j-1")
     lease = lease_one(leases, alice)
@@ -186,29 +210,31 @@ def test_bad_results_are_refused_or_rejected(
             alice, lease.lease_id, HeartbeatRequest(step=1, max_steps=4, checkpoint=bogus)
         )
     assert refused.value.field == "checkpoint.archive.key"
-    with pytest.raises(Forbidden):
-        leases.heartbeat(bob, lease.lease_id, HeartbeatRequest(step=1, max_steps=4))
     with pytest.raises(NotFound):
         leases.heartbeat(alice, "l-nope", HeartbeatRequest(step=1, max_steps=4))
     after = snapshot(redis_client)
     written = {k for k in after if k not in before or after[k] != before[k]}
-    assert written == set()
-    # A claim the store contradicts is a processed result: not accepted, the task goes back.
+    # Nothing but the strike the forged checkpoint key earned alice's owner.
+    keys = state.keys
+    struck = {keys.strikes(), keys.strike_log(), keys.strike_seen(), keys.worker(alice)}
+    assert written == {k.encode() for k in struck}
+    # A claim the store contradicts is a processed result: not accepted, the task goes back,
+    # not counted against it (a volunteer's rejection is a strike on its owner instead).
     lying = dict(result.artifacts)
     real = lying["adapter_model.safetensors"]
     lying["adapter_model.safetensors"] = real.model_copy(update={"sha256": "f" * 64})
     answer = leases.complete(alice, lease.lease_id, CompleteRequest(artifacts=lying))
     assert not answer.accepted and "sha256" in (answer.reason or "")
     again = state.get_task(task.task_id)
-    assert (again.state, again.failures) == ("queued", 1)
+    assert (again.state, again.failures) == ("queued", 0)
     assert Workers(state).leaderboard() == []
     assert leases.complete(alice, lease.lease_id, CompleteRequest(artifacts=lying)) == answer
 
 
 def test_max_attempts_fail_the_task_and_its_trial_while_the_job_goes_on(
-    state: State, leases: Leases, object_store: Any, clock: Clock, workers: list[str]
+    state: State, leases: Leases, object_store: Any, clock: Clock, cluster: str
 ) -> None:
-    alice, _ = workers
+    alice = cluster  # trusted: a volunteer's failures count once per owner (tests/security/)
     new_job(state, "j-1", trials=2)
     doomed = new_task(state, object_store, "j-1", trial=0, shard=0, max_attempts=2)
     sibling = new_task(state, object_store, "j-1", trial=0, shard=1)
@@ -234,9 +260,9 @@ def test_max_attempts_fail_the_task_and_its_trial_while_the_job_goes_on(
 
 
 def test_non_retryable_failure_fails_at_once_and_release_is_free(
-    state: State, leases: Leases, object_store: Any, workers: list[str]
+    state: State, leases: Leases, object_store: Any, workers: list[str], cluster: str
 ) -> None:
-    alice, bob = workers
+    alice, bob = workers[0], cluster  # a volunteer's `fail` is always retryable
     new_job(state, "j-1", trials=2)
     task = new_task(state, object_store, "j-1", trial=0)
     lease = lease_one(leases, alice)

@@ -83,6 +83,8 @@ local function fail_trial(job, trial, round, why, now)
   end
 end
 
+-- `count`: false (not counted), true (one failed attempt) or the attempt's weight (a number;
+-- expire_lease counts an attempt that made progress as half). `failures` is a float.
 local function settle(task_id, why, count, retryable, now)
   local tk = key('task', task_id)
   if not task_wanted(tk) then
@@ -90,15 +92,39 @@ local function settle(task_id, why, count, retryable, now)
     return 'cancelled'
   end
   local failures = tonumber(redis.call('HGET', tk, 'failures') or '0')
-  if count then failures = redis.call('HINCRBY', tk, 'failures', 1) end
+  -- Trust: no volunteer, and no handful of one owner's accounts, can fail a trial. A
+  -- volunteer's `fail` is always retryable, and its failures and expiries count only once
+  -- per owner (the owners that failed the task: its `failed_owners` field); rejections and
+  -- revocations are never counted (their callers pass count false). Cluster workers, and
+  -- workers without a record, keep the rule above.
+  if count then
+    local worker = redis.call('HGET', tk, 'worker_id') or ''
+    local w = redis.call('HMGET', key('worker', worker), 'kind', 'name')
+    if w[1] == 'volunteer' then
+      retryable = true
+      local owners = cjson.decode(redis.call('HGET', tk, 'failed_owners') or '{}')
+      if owners[w[2]] then
+        count = false
+      else
+        owners[w[2]] = true
+        redis.call('HSET', tk, 'failed_owners', cjson.encode(owners))
+      end
+    end
+  end
+  if count then
+    local weight = (count == true) and 1 or count
+    failures = tonumber(redis.call('HINCRBYFLOAT', tk, 'failures', tostring(weight)))
+  end
   local f = redis.call('HMGET', tk, 'max_attempts', 'job_id', 'trial', 'round', 'attempt')
   if count and ((not retryable) or failures >= tonumber(f[1])) then
-    local msg = string.format('task %s failed (%d failed attempt(s) of %s allowed): %s',
+    local msg = string.format('task %s failed (%g failed attempt(s) of %s allowed): %s',
       task_id, failures, f[1], why)
     redis.call('HSET', tk, 'state', 'failed', 'error', msg, 'updated_at', now,
       'lease_id', '', 'worker_id', '')
     emit(f[2], 'task_failed', {task_id = task_id, attempt = tonumber(f[5]), error = msg}, now)
-    fail_trial(f[2], f[3], f[4], msg, now)
+    -- A redundancy duplicate that fails leaves its original to its own checks
+    -- (pipeline/verification.py): it never fails the trial.
+    if not redis.call('HGET', tk, 'duplicate_of') then fail_trial(f[2], f[3], f[4], msg, now) end
     return 'failed'
   end
   redis.call('HSET', tk, 'state', 'queued', 'updated_at', now, 'lease_id', '', 'worker_id', '')
@@ -127,8 +153,12 @@ local function expire_lease(lease_id, now)
   redis.call('HINCRBY', key('worker', f[3]), 'tasks_expired', 1)
   local job = redis.call('HGET', key('task', f[2]), 'job_id')
   emit(job, 'lease_expired', {task_id = f[2], attempt = tonumber(f[4]), worker_id = f[3]}, now)
+  -- A worker that died after leaving a newer checkpoint than the attempt started from made
+  -- progress the next attempt resumes: that attempt counts half toward max_attempts, so
+  -- workers that keep dying mid-task slow a task down before they fail it.
+  local progressed = redis.call('HGET', key('lease', lease_id), 'progressed') == '1'
   settle(f[2], string.format('the lease of attempt %s expired (worker %s stopped reporting)',
-    f[4], f[3]), true, true, now)
+    f[4], f[3]), progressed and 0.5 or true, true, now)
   return true
 end
 
@@ -156,7 +186,19 @@ local function record_checkpoint(lease_id, ci, now)
   local tk = key('task', f[1])
   local step = tonumber(ARGV[ci + 1])
   local have = redis.call('HGET', tk, 'checkpoint_step')
+  -- Newer than every checkpoint before it: this attempt made progress (see expire_lease).
+  if (not have) or have == '' or tonumber(have) < step then
+    redis.call('HSET', lk, 'progressed', 1)
+  end
   if (not have) or have == '' or tonumber(have) <= step then
     redis.call('HSET', tk, 'checkpoint_step', step, 'checkpoint_json', ARGV[ci + 2])
+  end
+end
+
+-- A rejected attempt's checkpoint is not resumed from: its worker's work is not trusted.
+local function drop_checkpoint(tk, attempt)
+  local cp = redis.call('HGET', tk, 'checkpoint_json')
+  if cp and cp ~= '' and tostring(cjson.decode(cp).attempt) == tostring(attempt) then
+    redis.call('HDEL', tk, 'checkpoint_json', 'checkpoint_step')
   end
 end

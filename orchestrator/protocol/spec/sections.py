@@ -282,9 +282,43 @@ class RequirementsSpec(Section):
 
 
 class TrustSpec(Section):
-    """Who may train this job's tasks."""
+    """Who may train this job's tasks, and how a volunteer's result is checked before it counts."""
 
     allow_volunteers: bool = Field(True, description="Let untrusted volunteer workers train.")
     redundancy: float = Field(
-        0.1, ge=0, le=1, description="Fraction of volunteer tasks trained twice and compared."
+        0.1,
+        ge=0,
+        le=1,
+        description="Fraction of volunteer tasks trained twice (by workers of different "
+        "owners) and compared; a third run breaks a disagreement. A duplicate waits until a "
+        "worker of another owner asks for work.",
+    )
+    probe_tolerance: float = Field(
+        0.5,
+        ge=0,
+        description="A volunteer's adapter is rejected when its loss on a probe slice of the "
+        "eval split is worse than the round's start (the previous round's merged adapter, or "
+        "the base model in round 0) by more than this many nats.",
+    )
+    probe_rows: int = Field(
+        256, ge=1, description="Rows of the eval split (its first ones) in the probe slice."
+    )
+    redundancy_loss_tolerance: float = Field(
+        0.1,
+        ge=0,
+        description="Two runs of one task agree when their probe losses differ by at most "
+        "this many nats ...",
+    )
+    redundancy_min_cosine: float = Field(
+        0.8,
+        ge=-1,
+        le=1,
+        description="... and the cosine between their changes of the start adapter is at "
+        "least this (honest runs of one task share their seed and data) ...",
+    )
+    redundancy_norm_tolerance: float = Field(
+        0.25,
+        ge=0,
+        description="... and the larger of their change norms is at most (1 + this) times "
+        "the smaller (a run that did part of the work moves the adapter less).",
     )

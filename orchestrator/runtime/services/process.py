@@ -257,6 +257,11 @@ class ManagedProcess:
     def running(self) -> bool:
         return self._popen is not None and self._popen.poll() is None
 
+    def exit_code(self) -> int | None:
+        """The last run's exit status (negative: killed by that signal); None while it runs
+        or before it started."""
+        return None if self._popen is None else self._popen.poll()
+
     def wait_ready(self, check: Callable[[], bool], timeout_s: float) -> float:
         """Poll `check` until it returns True; return the seconds waited.
 

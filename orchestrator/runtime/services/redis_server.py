@@ -15,6 +15,15 @@ from cotune.orchestrator.runtime.services.process import ManagedProcess, Process
 
 _PORT_TAKEN = "address already in use"
 _START_TRIES = 3
+# Durability in every mode (`cotune up`, `cotune run`, the tests' server): every write is
+# appended to the AOF and fsynced once a second, so a killed redis-server comes back with
+# all but at most the last second of writes, and a killed owner (SIGTERM) with all of them.
+# A truncated last record (a kill mid-write) is dropped on load rather than refusing to start.
+DURABILITY = (
+    ("appendonly", "yes"),
+    ("appendfsync", "everysec"),
+    ("aof-load-truncated", "yes"),
+)
 
 
 def redis_server_binary() -> Path:
@@ -127,11 +136,27 @@ class RedisServer:
         self.wait_ready(timeout_s)
         return time.monotonic() - began
 
+    def restart(self, timeout_s: float = 15.0) -> float:
+        """Start again after the process died, from its AOF and on the same port (clients
+        hold the URL, so a new port would strand them); return the seconds it took.
+
+        Raises ServiceExited if it cannot start (the port was taken meanwhile, a bad AOF).
+        """
+        self._process.stop()  # reap the dead process and anything left of its group
+        began = time.monotonic()
+        self.launch()
+        self._process.wait_ready(self.healthy, timeout_s)
+        return time.monotonic() - began
+
     def healthy(self) -> bool:
         return self._process.running() and redis_answers(self.url)
 
     def running(self) -> bool:
         return self._process.running()
+
+    def exit_code(self) -> int | None:
+        """How the last run ended (negative: the signal), None while it runs."""
+        return self._process.exit_code()
 
     def stop(self) -> None:
         self._process.stop()
@@ -145,8 +170,7 @@ class RedisServer:
             "daemonize no",
             f'dir "{self.data_dir}"',
             'logfile ""',
-            "appendonly yes",
-            "appendfsync everysec",
+            *(f"{name} {value}" for name, value in DURABILITY),
             f"requirepass {self.password}",
         ]
         path = self.data_dir / "redis.conf"

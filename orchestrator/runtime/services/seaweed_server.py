@@ -260,6 +260,26 @@ class SeaweedServer:
         self.wait_ready(timeout_s)
         return time.monotonic() - began
 
+    def restart(self, timeout_s: float = 30.0) -> float:
+        """Start again after the process died, from its data folder and on the same ports
+        (clients hold the endpoint and presigned URLs name it); return the seconds it took.
+
+        Raises ServiceExited if it cannot start (a port was taken meanwhile).
+        """
+        self._process.stop()  # reap it and remove the unix sockets it left in /tmp
+        began = time.monotonic()
+        self.launch()
+        try:
+            self._process.wait_ready(self.healthy, timeout_s)
+        except ServiceExited:
+            remove_weed_sockets(self.ports)
+            raise
+        return time.monotonic() - began
+
+    def exit_code(self) -> int | None:
+        """How the last run ended (negative: the signal), None while it runs."""
+        return self._process.exit_code()
+
     def healthy(self) -> bool:
         return (
             self._process.running()
