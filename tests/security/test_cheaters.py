@@ -65,8 +65,11 @@ NOT_STRUCK = ("h", "k")
 LEASE_TTL_S, HEARTBEAT_S, LEASE_MAX_AGE_S = 20.0, 1.0, 120.0
 JOB_S, HONEST_JOB_S = 600, 300
 CHEATERS_ALONE_S = 300
-# Two honest runs of the sweep differ only in their seeds (the job id is part of each task's).
-LOSS_TOLERANCE = 0.15
+# Two honest runs of the sweep differ in their seeds (the job id is part of each task's), so
+# their merged eval losses differ too: by up to 0.21 nats (round 0) in the runs seen here.
+# The strong check is structural (every accepted result is an honest owner's or h's, whose
+# training is honest); this one says the merged result is of the same quality.
+LOSS_TOLERANCE = 0.3
 OUTVOTED = re.compile(r"outvot|redundan|disagree|majority|duplicate", re.IGNORECASE)
 
 
