@@ -22,7 +22,7 @@ import json
 import logging
 from typing import TYPE_CHECKING
 
-from cotune.orchestrator.control.quotas import checkpoint_quota, max_steps, shard_rows
+from cotune.orchestrator.control.quotas import checkpoint_quota, max_steps, task_rows
 from cotune.orchestrator.control.records import CheckpointRecord, LeaseRecord, TaskRecord, text
 from cotune.orchestrator.data.layout import checkpoint_key
 from cotune.orchestrator.protocol.problems import Rejected
@@ -107,10 +107,7 @@ class Checkpoints:
         resumed = redis.hget(self.state.keys.lease(lease.lease_id), "resume_step")
         low = int(float(text(resumed))) if resumed else 0
         train = TrainTask.model_validate_json(task.task_json)
-        rows = None
-        if train.max_steps is None:
-            manifest = self.state.get_job(task.job_id).manifest_json
-            rows = shard_rows(manifest, (o.sha256 for o in task.inputs().train))
+        rows = task_rows(train, task, lambda: self.state.get_job(task.job_id).manifest_json)
         return low, max_steps(train, rows)
 
     def _strike(self, lease: LeaseRecord, reason: str) -> None:

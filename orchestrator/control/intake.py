@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from cotune.orchestrator.control.checkpoints import verify_object
 from cotune.orchestrator.control.quotas import model_config as base_model_config
-from cotune.orchestrator.control.quotas import shard_rows
+from cotune.orchestrator.control.quotas import task_rows
 from cotune.orchestrator.control.records import TaskResult, decode_hash
 from cotune.orchestrator.protocol.memory import ModelShape
 from cotune.orchestrator.protocol.task import TrainTask
@@ -95,10 +95,7 @@ class Intake:
         worker = decode_hash(self.state.redis.hgetall(self.state.keys.worker(worker_id)))
         trusted = worker.get("kind") == "cluster"
         train = TrainTask.model_validate_json(task.task_json)
-        rows = None
-        if train.max_steps is None:
-            manifest = self.state.get_job(task.job_id).manifest_json
-            rows = shard_rows(manifest, (o.sha256 for o in task.inputs().train))
+        rows = task_rows(train, task, lambda: self.state.get_job(task.job_id).manifest_json)
         result = TaskResult(
             attempt=attempt,
             worker_id=worker_id,

@@ -30,15 +30,18 @@ from __future__ import annotations
 import functools
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cotune.orchestrator.control.tiers import TIERS
 from cotune.orchestrator.data.manifest import Manifest, ManifestError
 from cotune.orchestrator.protocol.builtin_models import builtin_config
 from cotune.orchestrator.protocol.memory import PROJECTIONS, ModelShape, adapted_modules
 from cotune.orchestrator.protocol.task import TrainTask
+
+if TYPE_CHECKING:
+    from cotune.orchestrator.control.records import TaskRecord
 
 MiB = 1 << 20
 CHECKPOINT_MAX_BYTES = 32 << 30  # adapter + optimizer state (two moments) + RNG, as a tar
@@ -81,6 +84,16 @@ def max_steps(task: TrainTask, rows: int | None) -> int | None:
     batches = math.ceil(rows / task.micro_batch_size)
     per_epoch = max(math.ceil(batches / task.gradient_accumulation_steps), 1)
     return math.ceil(task.num_epochs * per_epoch)
+
+
+def task_rows(
+    train: TrainTask, task: TaskRecord, manifest_json: Callable[[], str | None]
+) -> int | None:
+    """The rows of a task training by epochs (its train files' in the job's manifest); None
+    for one training max_steps (then `manifest_json` is never called) or when not known."""
+    if train.max_steps is not None:
+        return None
+    return shard_rows(manifest_json(), (o.sha256 for o in task.inputs().train))
 
 
 def shard_rows(manifest_json: str | None, sha256s: Iterable[str]) -> int | None:

@@ -27,12 +27,13 @@ import json
 import math
 import re
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cotune.orchestrator.control.intake import adapter_config, expected_for
-from cotune.orchestrator.control.quotas import max_steps, shard_rows
+from cotune.orchestrator.control.quotas import max_steps, task_rows
 from cotune.orchestrator.data.layout import merged_prefix
 from cotune.orchestrator.data.s3errors import ChecksumMismatch
 from cotune.orchestrator.pipeline.placement import ModelConfigUnavailable, model_config
@@ -337,14 +338,11 @@ def layout_of(task: TaskRecord) -> Layout:
     )
 
 
-def budget_of(task: TaskRecord, manifest_json: str | None) -> StepBudget | None:
+def budget_of(task: TaskRecord, manifest_json: Callable[[], str | None]) -> StepBudget | None:
     """What the task's optimizer can do (verify/bounds.py): its AdamW steps, from the task (or,
     training by epochs, the shard's rows in the job's manifest); None when not known."""
     train = TrainTask.model_validate_json(task.task_json)
-    rows = None
-    if train.max_steps is None:
-        rows = shard_rows(manifest_json, (o.sha256 for o in task.inputs().train))
-    steps = max_steps(train, rows)
+    steps = max_steps(train, task_rows(train, task, manifest_json))
     if steps is None:
         return None
     return StepBudget(

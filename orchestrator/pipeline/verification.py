@@ -388,7 +388,7 @@ class Verification:
             start=start_of(task),
             probe=ProbeSetup(view.eval_setup(task.task_json), view.trust.probe_rows),
             store=self.store_config,
-            budget=budget_of(task, self.state.get_job(task.job_id).manifest_json),
+            budget=budget_of(task, lambda: self.state.get_job(task.job_id).manifest_json),
         )
 
 
