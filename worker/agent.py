@@ -58,6 +58,7 @@ from cotune.worker.hardware import Hardware
 from cotune.worker.heartbeat import Heartbeat
 from cotune.worker.inputs import fetch_inputs
 from cotune.worker.transfer import TransferCancelled, TransferDisplay, TransferError, Transfers
+from cotune.worker.view import WorkerView
 
 if TYPE_CHECKING:
     from cotune.worker.training import Progress, TrainResult
@@ -92,17 +93,24 @@ class AgentConfig:
 
 
 class Agent:
-    """The loop of one worker on one device. `request_stop` is the SIGTERM / Ctrl-C path."""
+    """The loop of one worker on one device. `request_stop` is the SIGTERM / Ctrl-C path;
+    `view` (worker/view.py) hears of every event, for `cotune worker` to draw."""
 
     def __init__(
-        self, config: AgentConfig, hardware: Hardware, *, display: TransferDisplay | None = None
+        self,
+        config: AgentConfig,
+        hardware: Hardware,
+        *,
+        display: TransferDisplay | None = None,
+        view: WorkerView | None = None,
     ) -> None:
         self.config = config
         self.hardware = hardware
         self.worker_id: str | None = None
+        self.view = view or WorkerView(config.coordinator, hardware)
         self._stop = threading.Event()
         self._stop_since: float | None = None
-        self._client = CoordinatorClient(config.coordinator, stop=self._stop)
+        self._client = CoordinatorClient(config.coordinator, stop=self._stop, link=self.view)
         self._transfers = Transfers(display=display)
 
     def request_stop(self) -> None:
@@ -110,6 +118,7 @@ class Agent:
         if self._stop_since is None:
             self._stop_since = time.monotonic()
         self._stop.set()
+        self.view.stop_requested()
 
     def _stop_budget_left(self) -> float:
         """Seconds left to finish stopping (SIGTERM), or a plain upload's patience."""
@@ -174,6 +183,7 @@ class Agent:
         request = EnrollRequest(join_token=self.config.join_token, hardware=self._wire_hardware())
         answer = self._client.enroll(request, retry_for_s=self.config.enroll_retry_s)
         self.worker_id = answer.worker_id
+        self.view.enrolled(answer.worker_id)
         log.info("enrolled with %s as worker %s", self.config.coordinator, answer.worker_id)
         return answer.worker_id
 
@@ -214,6 +224,7 @@ class Agent:
             if lease.inputs.resume_checkpoint
             else "",
         )
+        self.view.leased(lease)
         task_dir = self.config.work_dir / "tasks" / f"{lease.task_id}-a{lease.attempt}"
         shutil.rmtree(task_dir, ignore_errors=True)
         task_dir.mkdir(parents=True)
@@ -232,6 +243,7 @@ class Agent:
         finally:
             heartbeat.close()
             shutil.rmtree(task_dir, ignore_errors=True)
+        self.view.task_ended(outcome)
         log.info("task %s attempt %d: %s", lease.task_id, lease.attempt, outcome)
         return outcome
 
@@ -256,6 +268,7 @@ class Agent:
         from cotune.worker.training import run_training
 
         heartbeat.set_phase("training")
+        self.view.phase("training")
         abort = threading.Event()  # abandons checkpoint uploads no longer needed
         sync = CheckpointSync(self._transfers, heartbeat, task_dir / "staging", abort=abort)
         try:
@@ -267,7 +280,7 @@ class Agent:
                     eval_file=inputs.eval_file,
                     start_adapter=inputs.start_adapter,
                     resume_from=inputs.resume_from,
-                    hooks=_Hooks(self._stop, heartbeat, sync),
+                    hooks=_Hooks(self._stop, heartbeat, sync, self.view),
                     models_dir=self.config.models_dir,
                 )
             except Exception as e:
@@ -291,11 +304,13 @@ class Agent:
                 why = (
                     "the worker is stopping" if self._stop.is_set() else "the coordinator said stop"
                 )
+                self.view.phase(f"giving the task back: {why}")
                 return self._release(lease, heartbeat, why, checkpoint)
         finally:
             abort.set()
             sync.close()
         heartbeat.set_phase("uploading")
+        self.view.phase("uploading")
         return self._deliver(lease, heartbeat, result, task_dir / "run")
 
     def _deliver(
@@ -337,6 +352,7 @@ class Agent:
         if not answer.accepted:
             log.warning("task %s: result not accepted: %s", lease.task_id, answer.reason)
             return Outcome.REJECTED
+        self.view.credited(answer.credit)
         log.info("task %s accepted, credit %.1f", lease.task_id, answer.credit)
         return Outcome.COMPLETED
 
@@ -407,20 +423,22 @@ class Agent:
         )
 
 
+@dataclass(frozen=True)
 class _Hooks:
     """Training's view of the agent: report each step, stop when asked, ship checkpoints."""
 
-    def __init__(self, stop: threading.Event, heartbeat: Heartbeat, sync: CheckpointSync) -> None:
-        self._stop = stop
-        self._heartbeat = heartbeat
-        self._sync = sync
+    stop: threading.Event
+    heartbeat: Heartbeat
+    sync: CheckpointSync
+    view: WorkerView
 
     def on_progress(self, progress: Progress) -> bool:
-        self._heartbeat.update(progress)
-        return not (self._stop.is_set() or self._heartbeat.stop_requested.is_set())
+        self.heartbeat.update(progress)
+        self.view.progress(progress)
+        return not (self.stop.is_set() or self.heartbeat.stop_requested.is_set())
 
     def on_checkpoint(self, checkpoint_dir: Path, step: int) -> None:
-        self._sync.submit(checkpoint_dir, step)
+        self.sync.submit(checkpoint_dir, step)
 
 
 def _cotune_version() -> str:

@@ -34,12 +34,24 @@ def worker(
     work_dir: Path | None = typer.Option(
         None,
         "--work-dir",
-        help="Folder for inputs, checkpoints, caches [default: $COTUNE_HOME/worker, "
-        "or ~/.cotune/worker].",
+        help="Folder for inputs, checkpoints, caches and worker.log (default: "
+        "$COTUNE_HOME/worker, or ~/.cotune/worker).",
+    ),
+    plain: bool = typer.Option(
+        False,
+        "--plain",
+        envvar="COTUNE_WORKER_PLAIN",
+        help="One log line per event even on a terminal (no live view).",
     ),
     agent_process: bool = typer.Option(False, "--agent-process", hidden=True),
 ) -> None:
     """Contribute this machine's GPUs (or CPU): take training tasks until Ctrl-C.
+
+    On a terminal it shows a live view: the coordinator and its state, the task, step of
+    max steps, loss, tokens/s, memory, tasks done and the credit the coordinator granted.
+    Library warnings and progress bars then go to the log file in the work folder
+    (worker.log, its path shown). With --plain (or COTUNE_WORKER_PLAIN=1), output piped or
+    redirected, or several GPUs: one log line per event on stderr instead.
 
     Ctrl-C or SIGTERM: finish the step, upload a checkpoint, give the task back.
     A second Ctrl-C quits at once.
@@ -60,6 +72,7 @@ def worker(
         wait_s=wait,
         work_dir=work_dir,
         agent_process=agent_process,
+        plain=plain,
     )
     raise typer.Exit(worker_command(options))
 

@@ -13,7 +13,7 @@ import random
 import re
 import threading
 import time
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import httpx
 from cotune.orchestrator.protocol.wire import (
@@ -91,6 +91,26 @@ class Stopping(CoordinatorError):
     """The worker is stopping: the call was abandoned while waiting to retry."""
 
 
+class LinkObserver(Protocol):
+    """Told the outcome of every attempt (worker.view.WorkerView shows it on a terminal)."""
+
+    def reached(self) -> None:
+        """The coordinator answered (a refusal counts: it is there)."""
+        ...
+
+    def unreachable(self, reason: str) -> None:
+        """No usable answer: `reason` is the short cause ("connection refused")."""
+        ...
+
+
+class _Unobserved:
+    def reached(self) -> None:
+        pass
+
+    def unreachable(self, reason: str) -> None:
+        pass
+
+
 def check_coordinator_url(url: str) -> str:
     """The coordinator's base URL without a trailing slash; ValueError saying what is wrong."""
     try:
@@ -118,11 +138,13 @@ class CoordinatorClient:
         backoff_max_s: float = 30.0,
         stop: threading.Event | None = None,
         http: httpx.Client | None = None,
+        link: LinkObserver | None = None,
     ) -> None:
         self.base_url = check_coordinator_url(base_url)
         self.token: str | None = None
         self._backoff = (backoff_initial_s, backoff_max_s)
         self._stop = stop or threading.Event()
+        self._link = link or _Unobserved()
         self._http = http or httpx.Client(timeout=httpx.Timeout(timeout_s, connect=10.0))
 
     def close(self) -> None:
@@ -206,8 +228,9 @@ class CoordinatorClient:
         while True:
             attempt += 1
             try:
-                return self._once(path, body, answer, timeout_s)
+                result = self._once(path, body, answer, timeout_s)
             except Unreachable as error:
+                self._link.unreachable(error.reason)
                 remaining = give_up_at - time.monotonic()
                 if remaining <= 0:
                     raise
@@ -230,6 +253,12 @@ class CoordinatorClient:
                 if not interruptible:
                     time.sleep(pause)
                 delay = min(delay * 2, delay_max)
+                continue
+            except CoordinatorError:
+                self._link.reached()  # it answered, if only to refuse
+                raise
+            self._link.reached()
+            return result
 
     def _once(self, path: str, body: WireModel, answer: type[R], timeout_s: float | None) -> R:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}

@@ -33,6 +33,11 @@ class Hardware:
         return bool(self.devices) and all(d.bf16 for d in self.devices)
 
     @property
+    def label(self) -> str:
+        """What it trains on, for people: the GPUs' names, or "CPU (8 cores)"."""
+        return ", ".join(d.name for d in self.devices) or f"CPU ({self.cpu_count} cores)"
+
+    @property
     def memory_bytes(self) -> int:
         """Memory of the device training runs on: the first GPU's, else system RAM."""
         return self.devices[0].total_memory_bytes if self.devices else self.ram_bytes

@@ -2,7 +2,8 @@
 
 The worker role may not import cotune.orchestrator.settings (role separation), so this mirrors
 `Settings.home` for the two folders the worker needs: <home>/worker (`cotune worker`'s work
-folder) and <home>/models (the cache of built-in base models).
+folder) and <home>/models (the cache of built-in base models). A worker's log file, written
+while its live view is on a terminal, lies in its work folder (`log_file`).
 """
 
 from __future__ import annotations
@@ -26,3 +27,8 @@ def default_work_dir() -> Path:
 def default_models_dir() -> Path:
     """<home>/models: built-in base models, built on first use."""
     return cotune_home() / "models"
+
+
+def log_file(work_dir: Path) -> Path:
+    """<work folder>/worker.log: everything `cotune worker` logs while its live view is on."""
+    return work_dir / "worker.log"

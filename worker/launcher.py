@@ -7,6 +7,11 @@ second signal means "quit now", so it must not get the terminal's copy and ours)
 
 Signals in an agent process: the first SIGTERM / SIGINT finishes the current step, uploads
 a checkpoint, gives the lease back and exits 0; a second one exits at once (130).
+
+What the terminal shows: with stdout on a terminal, one agent in this process and no
+`--plain`, a live panel (worker/live.py) with library output sent to <work folder>/worker.log;
+otherwise one log line per event on stderr (a multi-GPU parent and its children always log
+lines).
 """
 
 from __future__ import annotations
@@ -16,12 +21,14 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
 from cotune.worker.agent import EXIT_OK, EXIT_USAGE, Agent, AgentConfig
 from cotune.worker.client import check_coordinator_url
+from cotune.worker.hardware import Hardware
 from cotune.worker.home import default_work_dir
 
 log = logging.getLogger("cotune.worker")
@@ -46,6 +53,7 @@ class WorkerOptions:
     wait_s: float = 300.0
     work_dir: Path | None = None  # [default: <COTUNE_HOME or ~/.cotune>/worker]
     agent_process: bool = False  # a child of a multi-GPU parent: plain logs, work_dir as given
+    plain: bool = False  # log lines even on a terminal (no live panel)
 
 
 def worker_command(options: WorkerOptions) -> int:
@@ -120,9 +128,15 @@ def _run_agent(options: WorkerOptions, work_dir: Path) -> int:
     from cotune.worker.transfer import LogLines, RichBars, TransferDisplay
     from rich.console import Console
 
+    live = _wants_live(options)
+    if live:
+        from cotune.worker.live import quiet_progress_bars
+
+        quiet_progress_bars()  # before torch, transformers or the hub load tqdm
     console = Console(stderr=True)
     tty = console.is_terminal and not options.agent_process
-    _configure_logging(console if tty else None, _log_prefix(options, work_dir))
+    if not live:
+        _configure_logging(console if tty else None, _log_prefix(options, work_dir))
     hardware = detect_hardware()
     if options.gpus is not None and not options.cpu and not hardware.devices:
         which = (
@@ -132,9 +146,6 @@ def _run_agent(options: WorkerOptions, work_dir: Path) -> int:
         )
         print(f"error: {which}: no such CUDA device here", file=sys.stderr)
         return EXIT_USAGE
-    where = ", ".join(d.name for d in hardware.devices) or f"CPU ({hardware.cpu_count} cores)"
-    log.info("training on %s; work folder %s", where, work_dir)
-    display: TransferDisplay = RichBars(console) if tty else LogLines()
     config = AgentConfig(
         coordinator=options.coordinator,
         join_token=options.join_token,
@@ -143,6 +154,10 @@ def _run_agent(options: WorkerOptions, work_dir: Path) -> int:
         wait_for_work_s=options.wait_s,
         max_memory_bytes=int(options.max_memory_gb * GIB) if options.max_memory_gb else None,
     )
+    if live:
+        return _run_live(config, hardware, work_dir)
+    log.info("training on %s; work folder %s", hardware.label, work_dir)
+    display: TransferDisplay = RichBars(console) if tty else LogLines()
     agent = Agent(config, hardware, display=display)
     _install_signals(agent)
     try:
@@ -151,13 +166,42 @@ def _run_agent(options: WorkerOptions, work_dir: Path) -> int:
         agent.close()
 
 
-def _install_signals(agent: Agent) -> None:
+def _wants_live(options: WorkerOptions) -> bool:
+    """The live panel: stdout is a terminal, no --plain, and logging is ours to set up."""
+    return (
+        sys.stdout.isatty()
+        and not options.plain
+        and not options.agent_process
+        and not logging.getLogger().handlers  # embedded in a program that set up logging
+    )
+
+
+def _run_live(config: AgentConfig, hardware: Hardware, work_dir: Path) -> int:
+    from cotune.worker.home import log_file
+    from cotune.worker.live import LiveScreen
+    from cotune.worker.view import WorkerView
+
+    view = WorkerView(config.coordinator, hardware, log_file=log_file(work_dir))
+    agent = Agent(config, hardware, display=view, view=view)
+    with LiveScreen(view, log_file(work_dir)) as screen:
+        _install_signals(agent, before_exit=screen.abandon)
+        log.info("training on %s; work folder %s", hardware.label, work_dir)
+        try:
+            return agent.run()
+        finally:
+            view.stopped()  # the panel's last frame stays on the terminal
+            agent.close()
+
+
+def _install_signals(agent: Agent, before_exit: Callable[[], None] | None = None) -> None:
     received = 0
 
     def handle(signum: int, frame: FrameType | None) -> None:
         nonlocal received
         received += 1
         if received > 1:
+            if before_exit is not None:
+                before_exit()
             os._exit(128 + signal.SIGINT)
         log.warning(
             "%s: finishing the current step, uploading a checkpoint and giving the task "

@@ -101,12 +101,11 @@ class LogLines:
             nonlocal done
             done += n
 
-        log.info("%s: %s", label, _human(total))
+        log.info("%s: %s", label, human_bytes(total))
         yield advance
         elapsed = max(time.monotonic() - start, 1e-6)
-        log.info(
-            "%s: done, %s in %.1f s (%s/s)", label, _human(done), elapsed, _human(done / elapsed)
-        )
+        speed = human_bytes(done / elapsed)
+        log.info("%s: done, %s in %.1f s (%s/s)", label, human_bytes(done), elapsed, speed)
 
 
 class RichBars:
@@ -142,7 +141,8 @@ class RichBars:
                     self._progress.stop()
 
 
-def _human(n: float) -> str:
+def human_bytes(n: float) -> str:
+    """A byte count for people: 512 B, 3.4 MiB."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -220,8 +220,8 @@ class Transfers:
         size = path.stat().st_size
         if size > dst.max_bytes:
             raise TransferError(
-                f"{label}: {path.name} is {_human(size)}, over the {_human(dst.max_bytes)} "
-                "the coordinator accepts for it"
+                f"{label}: {path.name} is {human_bytes(size)}, over the "
+                f"{human_bytes(dst.max_bytes)} the coordinator accepts for it"
             )
         sha = sha256_file(path)
         cancel = cancel or threading.Event()

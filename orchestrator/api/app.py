@@ -1,5 +1,5 @@
-"""The FastAPI app: routes, error answers, body size limits, health probes, and the lease
-reclaimer.
+"""The FastAPI app: routes, error answers, body size limits, request latency, health probes,
+the Prometheus metrics, the status page (/ui/), and the lease reclaimer.
 
 `create_app(coordinator)` builds it; while it runs (its lifespan), a background task ends
 overdue leases every `coordinator.reclaim_interval_s` seconds so their tasks go back to the
@@ -20,12 +20,15 @@ from cotune.orchestrator.api import (
     routes_owners,
     routes_tokens,
     routes_workers,
+    status_page,
 )
 from cotune.orchestrator.api.auth import CoordinatorDep
 from cotune.orchestrator.api.context import ApiContext
+from cotune.orchestrator.api.latency import RequestLatency
 from cotune.orchestrator.api.limits import BodyLimit
+from cotune.orchestrator.control import metrics, scrape
 from fastapi import FastAPI
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import PlainTextResponse, Response
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +46,8 @@ async def _reclaim_forever(coordinator: ApiContext) -> None:
             expired = await asyncio.to_thread(coordinator.leases.reclaim_expired)
             if expired:
                 log.info("%d lease(s) expired; their tasks were queued again", expired)
-        except Exception:  # Redis away for a moment: try again next tick
+        except Exception as exc:  # Redis away for a moment: try again next tick
+            metrics.count_error(exc)
             log.warning("reclaiming expired leases failed", exc_info=True)
         await asyncio.sleep(coordinator.reclaim_interval_s)
 
@@ -70,10 +74,12 @@ def create_app(coordinator: ApiContext) -> FastAPI:
     app.state.coordinator = coordinator
     errors.install(app)
     app.add_middleware(BodyLimit)
+    app.add_middleware(RequestLatency)  # outermost of the two: it times the body limit too
     app.include_router(routes_jobs.router)
     app.include_router(routes_workers.router)
     app.include_router(routes_tokens.router)
     app.include_router(routes_owners.router)
+    status_page.mount(app)  # /ui/: the status page's static files (api/status_page.py)
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, bool]:
@@ -96,10 +102,18 @@ def create_app(coordinator: ApiContext) -> FastAPI:
             return PlainTextResponse("not ready\n" + "\n".join(down) + "\n", status_code=503)
         return PlainTextResponse("ready\n")
 
-    @app.get("/metrics", tags=["health"])
-    def metrics() -> PlainTextResponse:
-        """Prometheus text exposition (a placeholder until the metrics module lands)."""
-        text = "# HELP cotune_up The coordinator API is up.\n# TYPE cotune_up gauge\ncotune_up 1\n"
-        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+    # One collector per app: the state in Redis at each scrape, beside this process's series.
+    state_metrics = scrape.StateCollector(
+        coordinator.state.scripts,
+        coordinator.state.clock,
+        online_window_s=coordinator.settings.lease_ttl_s,
+    )
+
+    @app.get("/metrics", tags=["health"], response_class=PlainTextResponse)
+    def prometheus_metrics() -> Response:
+        """Prometheus text exposition: the cluster's state from Redis and this process's own
+        series (control/metrics.py declares them all). Redis away: `cotune_state_up 0` and
+        the rest."""
+        return Response(scrape.render(state_metrics), media_type=metrics.CONTENT_TYPE)
 
     return app

@@ -87,9 +87,11 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        from cotune.orchestrator.control.metrics import count_error
         from cotune.orchestrator.control.state import is_unavailable
         from cotune.orchestrator.data.s3errors import ObjectStoreError
 
+        count_error(exc)
         if is_unavailable(exc):
             return error_response("unavailable", f"Redis does not answer: {exc}")
         if isinstance(exc, ObjectStoreError):

@@ -66,6 +66,7 @@ def _run(
     from cotune.orchestrator.cli.progress import JobWatch
     from cotune.orchestrator.control.tokens import load_or_create_admin_token
     from cotune.orchestrator.protocol.spec.checks import effective_trials
+    from cotune.orchestrator.runtime.coordinator import status_page_hint
     from cotune.orchestrator.runtime.stack import StackError
 
     began = time.monotonic()
@@ -78,6 +79,7 @@ def _run(
                 token = settings.admin_token or load_or_create_admin_token(settings.home)
             else:
                 url, token = _start(settings, workers, console, running)
+            console.print(f"status page {escape(status_page_hint(url, settings))}", soft_wrap=True)
             client = running.enter_context(CotuneClient(url, token))
             job_id = client.submit(spec_path)
             console.print(f"submitted job [bold]{job_id}[/]")

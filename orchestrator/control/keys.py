@@ -9,6 +9,7 @@ can produce the same key.
     job:<job>                            hash    a job (JobRecord fields)
     jobs                                 zset    job ids by creation time
     job:<job>:tasks                      set     every task id of the job
+    job:<job>:task_states                hash    task state -> how many of the job's tasks
     job:<job>:trials                     zset    trial numbers
     job:<job>:events                     stream  the job's events (capped), read by SSE
     trial:<job>:<n>                      hash    a trial (TrialRecord fields)
@@ -22,6 +23,7 @@ can produce the same key.
     worker:<worker>                      hash    an enrolled worker and its counters
     worker:<worker>:leases               set     its active lease ids
     workers                              zset    worker ids by enrollment time
+    workers:seen:<kind>                  zset    workers of a kind by when they last called in
     token:join:<sha256>                  hash    a join token (name, kind, expiry, uses, revoked)
     tokens:join                          zset    join token hashes by creation time
     leaderboard                          zset    contributor name -> accepted tokens
@@ -36,6 +38,10 @@ can produce the same key.
     owners:quarantined                   set     owners whose workers get no work
     owner:<owner>:workers                set     the worker ids enrolled under an owner
     rate:worker:<worker>                 hash    its request token bucket (tokens, at; expiring)
+    metrics:counters                     hash    event counters (control/metrics.py COUNTERS)
+    metrics:histogram:<name>             hash    one histogram's bucket counts and sum
+    metrics:training                     hash    '<kind>:<figure>' -> sum over active leases
+    metrics:training:memory:<kind>       zset    active lease id -> memory its worker reports
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ TEMPLATES: dict[str, str] = {
     "job": "job:%s",
     "jobs": "jobs",
     "job_tasks": "job:%s:tasks",
+    "job_task_states": "job:%s:task_states",
     "job_trials": "job:%s:trials",
     "events": "job:%s:events",
     "trial": "trial:%s:%s",
@@ -62,6 +69,7 @@ TEMPLATES: dict[str, str] = {
     "worker": "worker:%s",
     "worker_leases": "worker:%s:leases",
     "workers": "workers",
+    "workers_seen": "workers:seen:%s",
     "join_token": "token:join:%s",
     "join_tokens": "tokens:join",
     "leaderboard": "leaderboard",
@@ -76,6 +84,10 @@ TEMPLATES: dict[str, str] = {
     "quarantined": "owners:quarantined",
     "owner_workers": "owner:%s:workers",
     "rate": "rate:worker:%s",
+    "metrics": "metrics:counters",
+    "metric_histogram": "metrics:histogram:%s",
+    "metric_training": "metrics:training",
+    "metric_memory": "metrics:training:memory:%s",
 }
 
 _ID = re.compile(r"^[A-Za-z0-9_.\-]{1,160}$")
@@ -116,6 +128,9 @@ class Keys:
     def job_tasks(self, job_id: str) -> str:
         return self._key("job_tasks", job_id)
 
+    def job_task_states(self, job_id: str) -> str:
+        return self._key("job_task_states", job_id)
+
     def job_trials(self, job_id: str) -> str:
         return self._key("job_trials", job_id)
 
@@ -154,6 +169,9 @@ class Keys:
 
     def workers(self) -> str:
         return self._key("workers")
+
+    def workers_seen(self, kind: str) -> str:
+        return self._key("workers_seen", kind)
 
     def join_token(self, token_sha256: str) -> str:
         return self._key("join_token", token_sha256)
@@ -194,6 +212,18 @@ class Keys:
 
     def rate(self, worker_id: str) -> str:
         return self._key("rate", worker_id)
+
+    def metrics(self) -> str:
+        return self._key("metrics")
+
+    def metric_histogram(self, name: str) -> str:
+        return self._key("metric_histogram", name)
+
+    def metric_training(self) -> str:
+        return self._key("metric_training")
+
+    def metric_memory(self, kind: str) -> str:
+        return self._key("metric_memory", kind)
 
     def optuna(self, job_id: str) -> str:
         """The prefix under which a job's Optuna journal lives (its own keys below it)."""

@@ -125,12 +125,11 @@ class Leases:
     def offer(self, worker_id: str, capabilities: Capabilities) -> LeaseResponse:
         """The lease answer: the next task that fits this worker, or how long to wait (and
         why, when it is the worker's lease cap rather than an empty queue)."""
-        owner = self.redis.hget(self.keys.worker(worker_id), "name")
+        owner, gpus, kind = self.redis.hmget(self.keys.worker(worker_id), "name", "gpus", "kind")
         if owner is not None and self.redis.sismember(self.keys.quarantined(), owner):
             raise Forbidden(
                 f"contributor {text(owner)!r} is quarantined: no more work", "worker_id"
             )
-        gpus = self.redis.hget(self.keys.worker(worker_id), "gpus")
         tiers = tiers_for(capabilities.memory_bytes, gpu=gpus is None or int(gpus) > 0)
         now = self.clock()
         if not tiers:
@@ -141,8 +140,10 @@ class Leases:
         got = self.scripts("lease", worker_id, lease_id, now, deadline, formats, *tiers)
         capped = got is not None and len(got) == 3  # {'capped', held, cap}
         if got is None or capped:
-            if gpus is not None:  # an enrolled worker asking for work is alive
+            if kind is not None:  # an enrolled worker asking for work is alive
                 self.redis.hset(self.keys.worker(worker_id), "last_seen", repr(now))
+                seen = self.keys.workers_seen(text(kind))  # as lib.lua touch_worker does
+                self.redis.zadd(seen, {worker_id: now})
             reason = None
             if capped:
                 reason = (

@@ -20,7 +20,9 @@ before it. The shared library holds the task fate rules used by several scripts:
   a cluster worker's non-retryable failure), failing its trial and cancelling that round's
   queued siblings, or is cancelled;
 - the queue (see orchestrator/control/queue.py for the design): per (tier, job) lists and a per
-  tier rotation of jobs for round robin.
+  tier rotation of jobs for round robin;
+- the metrics: `tally`/`tally_by` (event counters) and `observe` (histograms), declared in
+  orchestrator/control/metrics.py, counted in the script that makes the transition.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import Any
 
 from cotune.orchestrator.control.events import MAX_EVENTS
 from cotune.orchestrator.control.keys import Keys
+from cotune.orchestrator.control.metrics import lua_config as metrics_config
 from cotune.orchestrator.protocol.states import TERMINAL_JOB_STATES
 
 SCRIPT_NAMES = (
@@ -53,6 +56,7 @@ SCRIPT_NAMES = (
     "revoke_join",
     "rate_limit",
     "verdict",
+    "metrics",
 )
 
 
@@ -86,6 +90,7 @@ class Scripts:
                 "lease_keep_s": lease_keep_s,
                 "progress_every_s": progress_every_s,
                 "terminal_job_states": list(TERMINAL_JOB_STATES),
+                **metrics_config(),
             }
         )
         lib = lua_source("lib")

@@ -138,8 +138,12 @@ class State:
 
     # --- jobs -------------------------------------------------------------------------------
 
-    def create_job(self, job_id: str, name: str, spec_yaml: str) -> JobRecord:
-        """A new job in state `pending`; the existing one if `job_id` is taken."""
+    def create_job(
+        self, job_id: str, name: str, spec_yaml: str, *, trials: int = 0, rounds: int = 0
+    ) -> JobRecord:
+        """A new job in state `pending`; the existing one if `job_id` is taken. `trials` and
+        `rounds` are what the spec implies (metrics.lua counts the job's progress from them;
+        0: unknown, no progress reported)."""
         check_id(job_id, "job id")
         now = self.clock()
         fields = {
@@ -149,6 +153,8 @@ class State:
             "spec_yaml": spec_yaml,
             "created_at": repr(now),
             "updated_at": repr(now),
+            "plan_trials": str(trials),
+            "plan_rounds": str(rounds),
         }
         self.scripts("create_job", job_id, now, json.dumps(fields))
         return self.get_job(job_id)
@@ -370,9 +376,19 @@ class State:
         return holder is not None and text(holder) == owner
 
     def record_merge(
-        self, job_id: str, trial: int, round: int, merged_prefix: str, eval_loss: float
+        self,
+        job_id: str,
+        trial: int,
+        round: int,
+        merged_prefix: str,
+        eval_loss: float,
+        *,
+        merge_s: float | None = None,
+        eval_s: float | None = None,
     ) -> None:
-        """The merged adapter of (trial, round); the first record stays."""
+        """The merged adapter of (trial, round); the first record stays. `merge_s` and
+        `eval_s` (the durations of the run that made it, None for steps an earlier run did)
+        go into the merge and evaluation histograms with the first record only."""
         if not math.isfinite(eval_loss):
             raise ValueError(f"eval_loss must be finite, got {eval_loss}")
         self.scripts(
@@ -383,6 +399,8 @@ class State:
             merged_prefix,
             float(eval_loss),
             self.clock(),
+            "" if merge_s is None else float(merge_s),
+            "" if eval_s is None else float(eval_s),
         )
 
     def get_merge(self, job_id: str, trial: int, round: int) -> dict[str, Any] | None:

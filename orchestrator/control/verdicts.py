@@ -22,6 +22,7 @@ import logging
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+from cotune.orchestrator.control.metrics import REJECTION_REASONS
 from cotune.orchestrator.control.records import (
     DUPLICATE_ATTEMPTS,
     CheckRecord,
@@ -62,17 +63,27 @@ class Verdicts:
         """Accept the verifying result of the task's current attempt and credit its owner;
         the tasks in `cancel` are cancelled if still queued. False if the task had moved on."""
         got = self.state.scripts(
-            "verdict", task.task_id, task.attempt, "ok", "", self.state.clock(), *cancel
+            "verdict", task.task_id, task.attempt, "ok", "", "", self.state.clock(), *cancel
         )
         return text(got[0]) == "ok"
 
-    def reject(self, task: TaskRecord, reason: str, *, strike: bool = True) -> bool:
+    def reject(
+        self, task: TaskRecord, reason: str, *, strike: bool = True, cause: str = "checks"
+    ) -> bool:
         """Reject the verifying result of the task's current attempt: the task is queued again
         (not counted toward max_attempts), a strike goes to the owner unless `strike` is false
         (a quarantined owner's pending result), and the upload is deleted from the store.
-        False if the task had moved on (then nothing is done)."""
+        `cause` is the reason's class for `cotune_rejections_total` (one of
+        control/metrics.py REJECTION_REASONS). False if the task had moved on (then nothing
+        is done)."""
         got = self.state.scripts(
-            "verdict", task.task_id, task.attempt, "rejected", reason, self.state.clock()
+            "verdict",
+            task.task_id,
+            task.attempt,
+            "rejected",
+            reason,
+            _cause(cause),
+            self.state.clock(),
         )
         if text(got[0]) != "ok":
             return False
@@ -89,6 +100,7 @@ class Verdicts:
             task.attempt,
             "adopt",
             reason,
+            "redundancy",
             self.state.clock(),
             winner.task_id,
         )
@@ -154,3 +166,11 @@ class Verdicts:
     def is_trusted(self, worker_id: str) -> bool:
         kind = self.state.redis.hget(self.state.keys.worker(worker_id), "kind")
         return kind is not None and text(kind) == "cluster"
+
+
+def _cause(cause: str) -> str:
+    if cause not in REJECTION_REASONS:
+        raise ValueError(
+            f"unknown rejection cause {cause!r}; causes: {', '.join(REJECTION_REASONS)}"
+        )
+    return cause

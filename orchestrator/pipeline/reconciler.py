@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cotune.orchestrator.control import metrics
 from cotune.orchestrator.control.leases import Leases
 from cotune.orchestrator.pipeline.pool import Pool
 from cotune.orchestrator.pipeline.steps import JobContext, JobSteps
@@ -113,9 +114,10 @@ class Reconciler:
                 started = time.monotonic()
                 try:
                     self.run_once()
-                except Exception:
+                except Exception as exc:
                     # A pass that fails (Redis or S3 away for a moment) is retried by the
                     # next; every step is idempotent.
+                    metrics.count_error(exc)
                     log.exception("reconciler pass failed; retrying")
                 if once:
                     return
@@ -143,6 +145,7 @@ class Reconciler:
             try:
                 self._step(job.job_id)
             except Exception as exc:
+                metrics.count_error(exc)
                 log.exception("job %s: step failed", job.job_id)
                 self.state.emit(
                     job.job_id, "coordinator_error", error=f"{type(exc).__name__}: {exc}"

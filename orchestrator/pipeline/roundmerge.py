@@ -105,6 +105,8 @@ class MergeOutcome:
     eval_tokens: int
     merged_now: bool  # False when an earlier run had uploaded the merge already
     seconds: float
+    merge_s: float | None = None  # download, merge and upload, when this run merged
+    eval_s: float | None = None  # the evaluation, when this run evaluated
 
 
 def merge_and_evaluate(request: MergeRequest) -> MergeOutcome:
@@ -122,16 +124,27 @@ def merge_and_evaluate(request: MergeRequest) -> MergeOutcome:
     ) as tmp:
         merged = Path(tmp) / "merged"
         merged_now = not store.exists(prefix + MERGE_COMPLETE_FILE)
+        clock = time.perf_counter  # the durations go to the merge and evaluation histograms
+        merge_s: float | None = None
         if merged_now:
+            merging = clock()
             _merge(request, store, Path(tmp), merged)
+            evaluating = clock()
             result = run_evaluate(request.evaluation, store, adapter=merged)
+            uploading = clock()
             _name_base(merged, result)
             _upload_merged(store, prefix, merged)
+            merge_s = (evaluating - merging) + (clock() - uploading)
+            eval_s = uploading - evaluating
         else:
             _download_merged(store, prefix, merged)
+            evaluating = clock()
             result = run_evaluate(request.evaluation, store, adapter=merged)
+            eval_s = clock() - evaluating
     store.put_bytes(prefix + EVAL_FILE, (json.dumps(result, indent=2) + "\n").encode())
-    return _outcome(request, result, merged_now=merged_now, started=started)
+    return _outcome(
+        request, result, merged_now=merged_now, started=started, merge_s=merge_s, eval_s=eval_s
+    )
 
 
 def evaluate_base(setup: EvalSetup, store_config: StoreConfig, key: str) -> float:
@@ -250,7 +263,13 @@ def _read_json(store: ObjectStore, key: str) -> dict[str, Any] | None:
 
 
 def _outcome(
-    request: MergeRequest, result: dict[str, Any], *, merged_now: bool, started: float
+    request: MergeRequest,
+    result: dict[str, Any],
+    *,
+    merged_now: bool,
+    started: float,
+    merge_s: float | None = None,
+    eval_s: float | None = None,
 ) -> MergeOutcome:
     return MergeOutcome(
         job_id=request.job_id,
@@ -261,4 +280,6 @@ def _outcome(
         eval_tokens=int(result.get("eval_tokens", 0)),
         merged_now=merged_now,
         seconds=time.perf_counter() - started,
+        merge_s=merge_s,
+        eval_s=eval_s,
     )

@@ -273,7 +273,15 @@ class JobSteps:
             outcome = self._merge_outcome(job, ctx, trial, n, tasks)
             if outcome is None:
                 return
-            self.state.record_merge(job.job_id, number, n, outcome.merged_prefix, outcome.eval_loss)
+            self.state.record_merge(
+                job.job_id,
+                number,
+                n,
+                outcome.merged_prefix,
+                outcome.eval_loss,
+                merge_s=outcome.merge_s,
+                eval_s=outcome.eval_s,
+            )
             loss = outcome.eval_loss
             ctx.merge_failures.pop(where, None)
         ctx.study.report(number, n, loss)

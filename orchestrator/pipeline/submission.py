@@ -18,7 +18,13 @@ from typing import TYPE_CHECKING, Any
 
 from cotune.orchestrator.data.layout import spec_key
 from cotune.orchestrator.protocol.problems import InvalidRequest, Unavailable
-from cotune.orchestrator.protocol.spec import SpecError, SweepSpec, parse_spec, parse_spec_yaml
+from cotune.orchestrator.protocol.spec import (
+    SpecError,
+    SweepSpec,
+    implied,
+    parse_spec,
+    parse_spec_yaml,
+)
 from cotune.orchestrator.protocol.spec.files import MAX_SPEC_BYTES
 
 if TYPE_CHECKING:
@@ -98,7 +104,9 @@ def submit(state: State, stores: Stores, body: bytes, content_type: str | None) 
         stores(None).put_bytes(spec_key(job_id), spec_yaml.encode(), "application/yaml")
     except ObjectStoreError as exc:
         raise Unavailable(f"cannot store the spec: {exc}") from exc
-    state.create_job(job_id, spec.name, spec_yaml)
+    state.create_job(
+        job_id, spec.name, spec_yaml, trials=implied(spec).n_trials, rounds=spec.rounds
+    )
     return job_id
 
 

@@ -142,7 +142,9 @@ class Verification:
         result = task.result()
         owner = (result.owner if result else None) or self.verdicts.owner_of(task.worker_id or "")
         if self.verdicts.strikes.is_quarantined(owner):
-            self.verdicts.reject(task, f"its owner {owner!r} is quarantined", strike=False)
+            self.verdicts.reject(
+                task, f"its owner {owner!r} is quarantined", strike=False, cause="quarantined"
+            )
             return
         check = task.check()
         if check is None:
@@ -186,7 +188,9 @@ class Verification:
             tries = memory.check_failures[key] = memory.check_failures.get(key, 0) + 1
             log.warning("job %s: checking %s failed (%d): %s", view.job_id, key, tries, error)
             if tries >= MAX_CHECK_TRIES and task.state == "verifying":
-                self.verdicts.reject(task, f"could not be verified: {error}", strike=False)
+                self.verdicts.reject(
+                    task, f"could not be verified: {error}", strike=False, cause="unverifiable"
+                )
             return
         record = CheckRecord(
             attempt=task.attempt,
@@ -231,6 +235,7 @@ class Verification:
                 original,
                 f"no two of its {len(ballots)} runs agree; trained again",
                 strike=False,
+                cause="redundancy",
             )
             self.state.emit(view.job_id, "redundancy_rerun", task_id=original.task_id)
             return False
@@ -238,7 +243,9 @@ class Verification:
             self.verdicts.accept(_find(others, task_id))
         for task_id in vote.reject:
             self.verdicts.reject(
-                _find(others, task_id), f"outvoted by the other runs of {original.task_id}"
+                _find(others, task_id),
+                f"outvoted by the other runs of {original.task_id}",
+                cause="redundancy",
             )
         if vote.original is False and vote.winner is not None:
             winner = self.state.get_task(vote.winner)
@@ -290,7 +297,11 @@ class Verification:
         if self._agreement(view, cosines)(self._ballot(original), self._ballot(dup)):
             self.verdicts.accept(dup)
         else:
-            self.verdicts.reject(dup, f"disagrees with the accepted result of {original.task_id}")
+            self.verdicts.reject(
+                dup,
+                f"disagrees with the accepted result of {original.task_id}",
+                cause="redundancy",
+            )
 
     def _cosines(
         self, memory: VerifyMemory, view: RoundView, tasks: list[TaskRecord]
@@ -365,7 +376,7 @@ class Verification:
                     log.warning("job %s: trusted %s flagged: %s", view.job_id, task.task_id, found)
                 continue
             if found:
-                self.verdicts.reject(task, "round review: " + "; ".join(found))
+                self.verdicts.reject(task, "round review: " + "; ".join(found), cause="review")
             else:
                 cancel = [duplicate_id(task.task_id, k) for k in range(1, MAX_DUPLICATES + 1)]
                 self.verdicts.accept(task, cancel=cancel)

@@ -149,9 +149,19 @@ class CoordinatorService:
         self.stop()
 
 
+def status_page_hint(api_url: str, settings: Settings) -> str:
+    """The status page's URL and where the admin token it asks for is (`cotune up`, `run`)."""
+    from cotune.orchestrator.api.status_page import url_of
+    from cotune.orchestrator.control.tokens import ADMIN_TOKEN_FILE
+
+    where = "$COTUNE_ADMIN_TOKEN" if settings.admin_token else settings.home / ADMIN_TOKEN_FILE
+    return f"{url_of(api_url)}  (paste the admin token from {where})"
+
+
 def print_service(console: Any, service: CoordinatorService, home: Path) -> None:
     console.print(f"  api          {service.url}  (docs {service.url}/docs)")
     console.print(f"  admin token  {home / 'admin-token'}")
+    console.print(f"  status page  {status_page_hint(service.url, service.settings)}")
     workers = service.pool.agent_cap() if service.pool is not None else 0
     console.print(f"  workers      up to {workers} local worker(s), started as work arrives")
 

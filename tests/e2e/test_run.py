@@ -47,6 +47,7 @@ def test_run_the_tiny_example_end_to_end_and_stop(tmp_path: Path) -> None:
     assert results["best_eval_loss"] < results["base_eval_loss"]
     # Live progress was shown: one line per evaluated round, trial start and end.
     assert "trial 0 started" in done.stdout and "round 0: eval loss" in done.stdout
+    assert "status page http://" in done.stdout and "/ui/" in done.stdout  # printed by run
 
     from peft import PeftModel  # the folder is a PEFT adapter of the base it names
     from transformers import AutoModelForCausalLM

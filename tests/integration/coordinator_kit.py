@@ -103,8 +103,12 @@ def stored_file(store: Any, key: str, path: Path) -> StoredObject:
     return StoredObject(key=key, sha256=info.sha256, bytes=info.size, name=path.name)
 
 
-def new_job(state: State, job_id: str, trials: int = 1, state_name: str = "running") -> None:
-    state.create_job(job_id, job_id.rsplit("-", 1)[0], "name: x\n")
+def new_job(
+    state: State, job_id: str, trials: int = 1, state_name: str = "running", rounds: int = 0
+) -> None:
+    """A job with `trials` trials put; `rounds` > 0 records its plan (trials x rounds)."""
+    plan = {"trials": trials, "rounds": rounds} if rounds else {}
+    state.create_job(job_id, job_id.rsplit("-", 1)[0], "name: x\n", **plan)
     if state_name != "pending":
         assert state.transition_job(job_id, state_name, expect=["pending"])  # type: ignore[arg-type]
     for n in range(trials):

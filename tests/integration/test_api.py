@@ -220,7 +220,7 @@ def test_download_lists_the_best_adapter_once_the_job_succeeded(
 def test_health_metrics_and_openapi(api: TestClient) -> None:
     assert api.get("/healthz").json() == {"ok": True}
     assert api.get("/readyz").text == "ready\n"
-    assert "cotune_up 1" in api.get("/metrics").text
+    assert "cotune_state_up 1.0" in api.get("/metrics").text  # tests/integration/test_metrics.py
     paths = api.get("/openapi.json").json()["paths"]
     for path in (ENROLL_PATH, LEASE_PATH, HEARTBEAT_PATH, "/v1/jobs", "/v1/jobs/{job_id}/events"):
         assert path in paths

@@ -5,6 +5,7 @@ local cur = redis.call('HGET', jk, 'state')
 if not cur then return {'missing'} end
 if TERMINAL[cur] then return {'terminal', cur} end
 redis.call('HSET', jk, 'state', 'cancelled', 'updated_at', now)
+tally_by('jobs_finished', 'cancelled')
 for _, task_id in ipairs(redis.call('SMEMBERS', key('job_tasks', job))) do
   if redis.call('HGET', key('task', task_id), 'state') == 'queued' then
     cancel_task(task_id, why, now)

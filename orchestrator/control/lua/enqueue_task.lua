@@ -6,6 +6,7 @@ local state = redis.call('HGET', key('job', job), 'state')
 if not state then return 'missing' end
 if TERMINAL[state] then return 'terminal:' .. state end
 for f, v in pairs(fields) do redis.call('HSET', tk, f, v) end
+redis.call('HINCRBY', key('job_task_states', job), fields.state, 1)
 redis.call('SADD', key('round_tasks', job, fields.trial, fields.round), task_id)
 redis.call('SADD', key('job_tasks', job), task_id)
 queue_push(task_id, false)

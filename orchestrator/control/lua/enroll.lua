@@ -21,5 +21,8 @@ local fields = cjson.decode(ARGV[4])
 for name, value in pairs(fields) do redis.call('HSET', wk, name, value) end
 redis.call('HSET', wk, 'name', j[1], 'kind', j[2], 'join_token', digest)
 redis.call('ZADD', key('workers'), now, worker)
+-- workers:seen:<kind> (the online count) forgets workers silent for a week.
+redis.call('ZREMRANGEBYSCORE', key('workers_seen', j[2]), '-inf', now - 7 * 86400)
+redis.call('ZADD', key('workers_seen', j[2]), now, worker)
 redis.call('SADD', key('owner_workers', j[1]), worker)
 return {'ok', j[1], j[2]}

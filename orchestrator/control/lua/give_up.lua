@@ -20,8 +20,9 @@ redis.call('HSET', lk, 'reason', reason)
 if kind == 'fail' then redis.call('HSET', lk, 'fail_reason', reason) end
 end_lease(lease_id, ended, now)
 local wk = key('worker', f[2])
-redis.call('HSET', wk, 'last_seen', now)
+touch_worker(f[2], now)
 if kind == 'fail' then redis.call('HINCRBY', wk, 'tasks_failed', 1) end
+tally_by('task_attempts', ended)
 local job = redis.call('HGET', key('task', f[1]), 'job_id')
 emit(job, (kind == 'fail') and 'task_attempt_failed' or 'task_released',
   {task_id = f[1], attempt = tonumber(f[3]), worker_id = f[2], reason = reason}, now)

@@ -23,6 +23,7 @@ local job = redis.call('HGET', tk, 'job_id')
 if now - tonumber(f[5]) > max_age then
   end_lease(lease_id, 'expired', now)
   redis.call('HINCRBY', key('worker', f[2]), 'tasks_expired', 1)
+  tally_by('task_attempts', 'expired')
   emit(job, 'lease_expired', {task_id = f[1], attempt = tonumber(f[3]), worker_id = f[2],
     reason = 'maximum age'}, now)
   -- Counted as an expiry is (lib.lua expire_lease): half when the attempt made progress.
@@ -31,12 +32,18 @@ if now - tonumber(f[5]) > max_age then
     ARGV[6]), progressed and 0.5 or true, true, now)
   return {'too_old', f[5], superseded}
 end
-redis.call('HSET', lk, 'deadline', deadline, 'last_heartbeat', now)
-redis.call('ZADD', key('deadlines'), deadline, lease_id)
 local p = cjson.decode(ARGV[5])
+-- tokens_per_s and memory_bytes are the worker's claims: shown (summed per worker kind for
+-- metrics.lua), never counted or credited.
+local kind = redis.call('HGET', lk, 'kind')
+if kind and kind ~= '' then training_moved(lease_id, kind, p) end
+redis.call('HSET', lk, 'deadline', deadline, 'last_heartbeat', now,
+  'tokens_per_s', tonumber(p.tokens_per_s) or 0, 'memory_bytes', tonumber(p.memory_bytes) or 0,
+  'step', p.step, 'max_steps', p.max_steps)
+redis.call('ZADD', key('deadlines'), deadline, lease_id)
 redis.call('HSET', tk, 'step', p.step, 'max_steps', p.max_steps, 'loss', p.loss or '',
   'updated_at', now)
-redis.call('HSET', key('worker', f[2]), 'last_seen', now)
+touch_worker(f[2], now)
 if (not f[4]) or now - tonumber(f[4]) >= C.progress_every_s then
   redis.call('HSET', lk, 'last_event', now)
   p.task_id = f[1]

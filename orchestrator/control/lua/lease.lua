@@ -51,6 +51,25 @@ local function runs_owned(task_id, original)
   end
   return false
 end
+-- The bytes of what the lease hands out as presigned GETs (the inputs, the resume point).
+local function input_bytes(tk)
+  local f = redis.call('HMGET', tk, 'inputs_json', 'checkpoint_json')
+  local n = 0
+  local function add(o)
+    if type(o) == 'table' and tonumber(o.bytes) then n = n + tonumber(o.bytes) end
+  end
+  local inputs = cjson.decode(f[1] or '{}')
+  add(inputs.base_model)
+  if type(inputs.train) == 'table' then
+    for _, o in ipairs(inputs.train) do add(o) end
+  end
+  add(inputs.eval)
+  if type(inputs.start_adapter) == 'table' then
+    for _, o in pairs(inputs.start_adapter) do add(o) end
+  end
+  if f[2] and f[2] ~= '' then add(cjson.decode(f[2])) end
+  return n
+end
 local set_aside = {}
 local function put_back()
   for j = #set_aside, 1, -1 do queue_push(set_aside[j], true) end
@@ -67,15 +86,25 @@ for i = 7, #ARGV do
       elseif task_wanted(tk) then
         local attempt = redis.call('HINCRBY', tk, 'attempt', 1)
         local job = redis.call('HGET', tk, 'job_id')
+        -- A queued task's updated_at is when it was queued (enqueue_task, settle).
+        local queued_at = tonumber(redis.call('HGET', tk, 'updated_at') or now)
+        observe('task_queue_wait_seconds', now - queued_at)
+        tally_by('artifact_bytes', 'download', input_bytes(tk))
+        count_task_state(tk, 'leased')
         redis.call('HSET', tk, 'state', 'leased', 'worker_id', worker, 'lease_id', lease_id,
           'updated_at', now, 'step', 0, 'max_steps', 0, 'loss', '')
         redis.call('HSET', key('lease', lease_id), 'lease_id', lease_id, 'task_id', task_id,
           'worker_id', worker, 'attempt', attempt, 'state', 'active', 'deadline', deadline,
           'leased_at', now, 'ckpt_seq', 0,
-          'resume_step', redis.call('HGET', tk, 'checkpoint_step') or '')
+          'resume_step', redis.call('HGET', tk, 'checkpoint_step') or '',
+          'kind', redis.call('HGET', key('worker', worker), 'kind') or '')
         redis.call('ZADD', key('deadlines'), deadline, lease_id)
         redis.call('SADD', key('worker_leases', worker), lease_id)
-        redis.call('HSET', key('worker', worker), 'last_seen', now)
+        local kind = redis.call('HGET', key('lease', lease_id), 'kind')
+        if kind ~= '' and redis.call('SCARD', key('worker_leases', worker)) == 1 then
+          training_add(kind, 'busy', 1)  -- lib.lua: the worker is busy now
+        end
+        touch_worker(worker, now)
         emit(job, 'task_leased', {task_id = task_id, attempt = attempt, worker_id = worker}, now)
         put_back()
         return {task_id, attempt}

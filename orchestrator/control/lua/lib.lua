@@ -13,6 +13,73 @@ local function emit(job, kind, data, now)
     'kind', kind, 'time', tostring(now), 'data', cjson.encode(data))
 end
 
+-- metrics: control/metrics.py declares every counter and histogram (COUNTERS, HISTOGRAMS)
+-- and says what each means; they are counted here, in the step that makes the transition.
+local function number_text(n)
+  if type(n) == 'number' then return string.format('%.17g', n) end
+  return n
+end
+
+-- Add to a counter without labels (its field in metrics:counters is its name). Not called
+-- `count`: settle's argument of that name would hide it.
+local function tally(name, n)
+  redis.call('HINCRBYFLOAT', key('metrics'), name, number_text(n or 1))
+end
+
+-- Add to a counter with one label (field `name:label`); nothing for an unknown label (nil
+-- or false: Redis answers false for a missing hash field).
+local function tally_by(name, label, n)
+  if label then tally(name .. ':' .. label, n) end
+end
+
+-- An observation of a histogram: bucket i holds values in (bounds[i-1], bounds[i]], bucket
+-- #bounds + 1 the rest; `sum` their sum.
+local function observe(name, value)
+  local bounds = C.histograms[name]
+  value = math.max(tonumber(value) or 0, 0)  -- a clock stepped back counts as 0 s
+  local i = #bounds + 1
+  for j, b in ipairs(bounds) do
+    if value <= b then
+      i = j
+      break
+    end
+  end
+  local h = key('metric_histogram', name)
+  redis.call('HINCRBY', h, tostring(i), 1)
+  redis.call('HINCRBYFLOAT', h, 'sum', number_text(value))
+end
+
+-- A worker called in: its last_seen, and its place in workers:seen:<kind> (the online
+-- count per kind, metrics.lua). A revoked or quarantined worker is not online: strike.lua
+-- and revoke_join.lua take it out, and it is not put back.
+local function touch_worker(worker, now)
+  local wk = key('worker', worker)
+  redis.call('HSET', wk, 'last_seen', now)
+  local f = redis.call('HMGET', wk, 'kind', 'revoked_at', 'quarantined')
+  if f[1] and not ((f[2] and f[2] ~= '') or f[3] == '1') then
+    redis.call('ZADD', key('workers_seen', f[1]), now, worker)
+  end
+end
+
+-- The training figures of the active leases, summed per worker kind as they change (one
+-- hash read per scrape instead of one per lease): `training_moved` when a heartbeat
+-- reports new ones, `training_ended` when the lease ends. Busy workers (holding an active
+-- lease) are counted per kind alongside.
+local FIGURES = {'tokens_per_s', 'step', 'max_steps'}
+local function training_add(kind, figure, delta)
+  if delta ~= 0 then
+    redis.call('HINCRBYFLOAT', key('metric_training'), kind .. ':' .. figure, number_text(delta))
+  end
+end
+local function training_moved(lease_id, kind, p)
+  local lk = key('lease', lease_id)
+  local old = redis.call('HMGET', lk, unpack(FIGURES))
+  for i, f in ipairs(FIGURES) do
+    training_add(kind, f, (tonumber(p[f]) or 0) - (tonumber(old[i]) or 0))
+  end
+  redis.call('ZADD', key('metric_memory', kind), tonumber(p.memory_bytes) or 0, lease_id)
+end
+
 local function job_live(job)
   local s = redis.call('HGET', key('job', job), 'state')
   return s and not TERMINAL[s]
@@ -62,10 +129,22 @@ local function queue_pop(tier, formats)
 end
 
 -- task fate -----------------------------------------------------------------------------
+-- Every change of a task's state goes through here, before the HSET that makes it: the
+-- job's count of tasks per state (job:<job>:task_states) follows, so a scrape reads one
+-- hash per job instead of every task (metrics.lua).
+local function count_task_state(tk, new)
+  local f = redis.call('HMGET', tk, 'state', 'job_id')
+  if f[1] == new or not f[2] then return end
+  local counts = key('job_task_states', f[2])
+  if f[1] then redis.call('HINCRBY', counts, f[1], -1) end
+  redis.call('HINCRBY', counts, new, 1)
+end
+
 local function cancel_task(task_id, why, now)
   local tk = key('task', task_id)
   local f = redis.call('HMGET', tk, 'state', 'job_id')
   if f[1] == 'queued' then queue_drop(task_id) end
+  count_task_state(tk, 'cancelled')
   redis.call('HSET', tk, 'state', 'cancelled', 'error', why, 'updated_at', now,
     'lease_id', '', 'worker_id', '')
   emit(f[2], 'task_cancelled', {task_id = task_id, reason = why}, now)
@@ -119,16 +198,20 @@ local function settle(task_id, why, count, retryable, now)
   if count and ((not retryable) or failures >= tonumber(f[1])) then
     local msg = string.format('task %s failed (%g failed attempt(s) of %s allowed): %s',
       task_id, failures, f[1], why)
+    count_task_state(tk, 'failed')
     redis.call('HSET', tk, 'state', 'failed', 'error', msg, 'updated_at', now,
       'lease_id', '', 'worker_id', '')
+    tally('tasks_failed')
     emit(f[2], 'task_failed', {task_id = task_id, attempt = tonumber(f[5]), error = msg}, now)
     -- A redundancy duplicate that fails leaves its original to its own checks
     -- (pipeline/verification.py): it never fails the trial.
     if not redis.call('HGET', tk, 'duplicate_of') then fail_trial(f[2], f[3], f[4], msg, now) end
     return 'failed'
   end
+  count_task_state(tk, 'queued')
   redis.call('HSET', tk, 'state', 'queued', 'updated_at', now, 'lease_id', '', 'worker_id', '')
   queue_push(task_id, true)
+  tally('task_retries')
   emit(f[2], 'task_queued', {task_id = task_id, attempt = tonumber(f[5]), reason = why}, now)
   return 'queued'
 end
@@ -136,10 +219,18 @@ end
 -- leases --------------------------------------------------------------------------------
 local function end_lease(lease_id, state, now)
   local lk = key('lease', lease_id)
-  local worker = redis.call('HGET', lk, 'worker_id')
+  local f = redis.call('HMGET', lk, 'worker_id', 'kind', unpack(FIGURES))
+  local worker, kind = f[1], f[2]
   redis.call('HSET', lk, 'state', state, 'ended_at', now)
   redis.call('ZREM', key('deadlines'), lease_id)
-  redis.call('SREM', key('worker_leases', worker), lease_id)
+  local held = redis.call('SREM', key('worker_leases', worker), lease_id)
+  if kind and kind ~= '' then
+    for i, figure in ipairs(FIGURES) do training_add(kind, figure, -(tonumber(f[i + 2]) or 0)) end
+    redis.call('ZREM', key('metric_memory', kind), lease_id)
+    if held == 1 and redis.call('SCARD', key('worker_leases', worker)) == 0 then
+      training_add(kind, 'busy', -1)
+    end
+  end
   redis.call('EXPIRE', lk, C.lease_keep_s)
 end
 
@@ -151,6 +242,7 @@ local function expire_lease(lease_id, now)
   end
   end_lease(lease_id, 'expired', now)
   redis.call('HINCRBY', key('worker', f[3]), 'tasks_expired', 1)
+  tally_by('task_attempts', 'expired')
   local job = redis.call('HGET', key('task', f[2]), 'job_id')
   emit(job, 'lease_expired', {task_id = f[2], attempt = tonumber(f[4]), worker_id = f[3]}, now)
   -- A worker that died after leaving a newer checkpoint than the attempt started from made
@@ -182,7 +274,10 @@ local function record_checkpoint(lease_id, ci, now)
   if ARGV[ci] == '' then return end
   local lk = key('lease', lease_id)
   local f = redis.call('HMGET', lk, 'task_id', 'ckpt_seq')
-  if tonumber(ARGV[ci]) == tonumber(f[2]) then redis.call('HINCRBY', lk, 'ckpt_seq', 1) end
+  if tonumber(ARGV[ci]) == tonumber(f[2]) then  -- first report of this checkpoint
+    redis.call('HINCRBY', lk, 'ckpt_seq', 1)
+    tally_by('artifact_bytes', 'upload', cjson.decode(ARGV[ci + 2]).bytes)
+  end
   local tk = key('task', f[1])
   local step = tonumber(ARGV[ci + 1])
   local have = redis.call('HGET', tk, 'checkpoint_step')

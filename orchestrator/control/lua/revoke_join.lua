@@ -34,12 +34,15 @@ for owner in pairs(owners) do
     if w[1] and digests[w[1]] then
       if (not w[2]) or w[2] == '' then
         redis.call('HSET', wk, 'revoked_at', now)
+        local kind = redis.call('HGET', wk, 'kind')
+        if kind then redis.call('ZREM', key('workers_seen', kind), member) end  -- not online
         workers = workers + 1
       end
       for _, lease_id in ipairs(redis.call('SMEMBERS', key('worker_leases', member))) do
         local f = redis.call('HMGET', key('lease', lease_id), 'state', 'task_id', 'attempt')
         if f[1] == 'active' then
           end_lease(lease_id, 'revoked', now)
+          tally_by('task_attempts', 'revoked')
           local job = redis.call('HGET', key('task', f[2]), 'job_id')
           emit(job, 'lease_revoked', {task_id = f[2], attempt = tonumber(f[3]),
             worker_id = member, reason = 'join token revoked'}, now)

@@ -31,10 +31,13 @@ local revoked = 0
 if redis.call('SADD', key('quarantined'), owner) == 1 then
   for _, member in ipairs(redis.call('SMEMBERS', key('owner_workers', owner))) do
     redis.call('HSET', key('worker', member), 'quarantined', '1')
+    local kind = redis.call('HGET', key('worker', member), 'kind')
+    if kind then redis.call('ZREM', key('workers_seen', kind), member) end  -- not online
     for _, lease_id in ipairs(redis.call('SMEMBERS', key('worker_leases', member))) do
       local f = redis.call('HMGET', key('lease', lease_id), 'state', 'task_id', 'attempt')
       if f[1] == 'active' then
         end_lease(lease_id, 'revoked', now)
+        tally_by('task_attempts', 'revoked')
         local job = redis.call('HGET', key('task', f[2]), 'job_id')
         emit(job, 'lease_revoked', {task_id = f[2], attempt = tonumber(f[3]), worker_id = member,
           reason = 'owner quarantined'}, now)

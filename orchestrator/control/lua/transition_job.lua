@@ -8,6 +8,7 @@ local ok = false
 for _, s in ipairs(expect) do if s == cur then ok = true end end
 if not ok then return {'refused', cur} end
 redis.call('HSET', jk, 'state', to, 'updated_at', now)
+if TERMINAL[to] then tally_by('jobs_finished', to) end
 local data = {from = cur, to = to}
 for f, v in pairs(fields) do
   if v == cjson.null then redis.call('HDEL', jk, f) else redis.call('HSET', jk, f, v) end

@@ -9,16 +9,17 @@
 -- takes the winning duplicate's accepted result instead of its own, which is dropped: the
 -- task is accepted without a second run and nobody is credited again (the winner's owner was
 -- credited for the duplicate).
--- ARGV: task_id, attempt, verdict ('ok'/'rejected'/'adopt'), reason, now, then the ids of
--- tasks to cancel if queued (an accepted original's redundancy duplicates), or for adopt the
--- winning duplicate's id.
+-- ARGV: task_id, attempt, verdict ('ok'/'rejected'/'adopt'), reason, its class (one of
+-- control/metrics.py REJECTION_REASONS; '' for ok), now, then the ids of tasks to cancel if
+-- queued (an accepted original's redundancy duplicates), or for adopt the winning
+-- duplicate's id.
 -- Returns {'ok', 'accepted' or settle's answer, worker_id} or {'skip', the task's state}.
-local task_id, attempt, verdict, reason = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local now = tonumber(ARGV[6])
+local task_id, attempt, verdict, reason, cause = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local now = tonumber(ARGV[7])
 local tk = key('task', task_id)
 local f = redis.call('HMGET', tk, 'state', 'attempt', 'worker_id', 'job_id', 'result_json')
 local function cancel_given()
-  for i = 7, #ARGV do
+  for i = 8, #ARGV do
     if redis.call('HGET', key('task', ARGV[i]), 'state') == 'queued' then
       cancel_task(ARGV[i], 'the task it duplicates was accepted', now)
     end
@@ -33,8 +34,11 @@ local worker, job = f[3], f[4]
 local wk = key('worker', worker)
 if verdict == 'ok' then
   local tokens = tonumber(cjson.decode(f[5]).tokens) or 0
+  tally_by('task_attempts', 'accepted')
+  tally_by('tokens_trained', redis.call('HGET', wk, 'kind'), tokens)
   local owner = redis.call('HGET', wk, 'name') or worker
   local frozen = redis.call('SISMEMBER', key('quarantined'), owner) == 1
+  count_task_state(tk, 'accepted')
   redis.call('HSET', tk, 'state', 'accepted', 'updated_at', now)
   if frozen then
     tokens = 0
@@ -51,7 +55,7 @@ if verdict == 'ok' then
 end
 redis.call('HINCRBY', wk, 'tasks_rejected', 1)
 if verdict == 'adopt' then
-  local winner = ARGV[7]
+  local winner = ARGV[8]
   local w = redis.call('HMGET', key('task', winner), 'state', 'result_json', 'check_json',
     'worker_id')
   if w[1] ~= 'accepted' or not w[2] then
@@ -69,7 +73,10 @@ if verdict == 'adopt' then
     table.insert(fields, cjson.encode(check))
   end
   drop_checkpoint(tk, attempt)
+  count_task_state(tk, 'accepted')
   redis.call('HSET', tk, unpack(fields))
+  tally_by('task_attempts', 'rejected')
+  tally_by('rejections', cause)
   emit(job, 'task_rejected', {task_id = task_id, attempt = tonumber(attempt), worker_id = worker,
     reason = reason}, now)
   emit(job, 'task_accepted', {task_id = task_id, attempt = tonumber(attempt),
@@ -78,6 +85,8 @@ if verdict == 'adopt' then
 end
 redis.call('HDEL', tk, 'result_json')
 drop_checkpoint(tk, attempt)
+tally_by('task_attempts', 'rejected')
+tally_by('rejections', cause)
 emit(job, 'task_rejected', {task_id = task_id, attempt = tonumber(attempt), worker_id = worker,
   reason = reason}, now)
 return {'ok', settle(task_id, 'result rejected: ' .. reason, false, true, now), worker}
