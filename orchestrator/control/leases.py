@@ -125,7 +125,7 @@ class Leases:
     def offer(self, worker_id: str, capabilities: Capabilities) -> LeaseResponse:
         """The lease answer: the next task that fits this worker, or how long to wait (and
         why, when it is the worker's lease cap rather than an empty queue)."""
-        owner, gpus, kind = self.redis.hmget(self.keys.worker(worker_id), "name", "gpus", "kind")
+        owner, gpus = self.redis.hmget(self.keys.worker(worker_id), "name", "gpus")
         if owner is not None and self.redis.sismember(self.keys.quarantined(), owner):
             raise Forbidden(
                 f"contributor {text(owner)!r} is quarantined: no more work", "worker_id"
@@ -140,11 +140,7 @@ class Leases:
         got = self.scripts("lease", worker_id, lease_id, now, deadline, formats, *tiers)
         capped = got is not None and len(got) == 3  # {'capped', held, cap}
         if got is None or capped:
-            if kind is not None:  # an enrolled worker asking for work is alive
-                self.redis.hset(self.keys.worker(worker_id), "last_seen", repr(now))
-                seen = self.keys.workers_seen(text(kind))  # as lib.lua touch_worker does
-                self.redis.zadd(seen, {worker_id: now})
-            reason = None
+            reason = None  # lease.lua counted the worker as alive (lib.lua touch_worker)
             if capped:
                 reason = (
                     f"worker {worker_id} holds {int(got[1])} active lease(s), its limit (one "

@@ -12,14 +12,22 @@ local owner = redis.call('HGET', key('worker', worker), 'name')
 if owner and redis.call('SISMEMBER', key('quarantined'), owner) == 1 then return false end
 -- A revoked worker token gets no work either (control/workers.py refuses it first).
 local wk = key('worker', worker)
-local w = redis.call('HMGET', wk, 'revoked_at', 'max_leases')
+local w = redis.call('HMGET', wk, 'revoked_at', 'max_leases', 'kind')
 if w[1] and w[1] ~= '' then return false end
+local kind = w[3] or ''  -- '' for a worker id never enrolled (tests)
+-- An enrolled worker asking for work is alive, whatever the answer (lib.lua touch_worker).
+local function alive()
+  if kind ~= '' then touch_worker(worker, now) end
+end
 -- A worker holds at most `max_leases` at once: one per GPU it reported at enrollment, one
 -- without a GPU (control/workers.py). A worker id never enrolled (tests) has no cap.
 local cap = tonumber(w[2] or '')
 if cap then
   local held = redis.call('SCARD', key('worker_leases', worker))
-  if held >= cap then return {'capped', held, cap} end
+  if held >= cap then
+    alive()
+    return {'capped', held, cap}
+  end
 end
 local formats = nil
 local wanted = cjson.decode(ARGV[6])
@@ -97,10 +105,9 @@ for i = 7, #ARGV do
           'worker_id', worker, 'attempt', attempt, 'state', 'active', 'deadline', deadline,
           'leased_at', now, 'ckpt_seq', 0,
           'resume_step', redis.call('HGET', tk, 'checkpoint_step') or '',
-          'kind', redis.call('HGET', key('worker', worker), 'kind') or '')
+          'kind', kind)
         redis.call('ZADD', key('deadlines'), deadline, lease_id)
         redis.call('SADD', key('worker_leases', worker), lease_id)
-        local kind = redis.call('HGET', key('lease', lease_id), 'kind')
         if kind ~= '' and redis.call('SCARD', key('worker_leases', worker)) == 1 then
           training_add(kind, 'busy', 1)  -- lib.lua: the worker is busy now
         end
@@ -115,4 +122,5 @@ for i = 7, #ARGV do
   end
 end
 put_back()
+alive()
 return false

@@ -63,8 +63,8 @@ end
 
 -- The training figures of the active leases, summed per worker kind as they change (one
 -- hash read per scrape instead of one per lease): `training_moved` when a heartbeat
--- reports new ones, `training_ended` when the lease ends. Busy workers (holding an active
--- lease) are counted per kind alongside.
+-- reports new ones, `end_lease` takes a lease's out. Busy workers (holding an active lease)
+-- are counted per kind alongside (lease.lua, end_lease).
 local FIGURES = {'tokens_per_s', 'step', 'max_steps'}
 local function training_add(kind, figure, delta)
   if delta ~= 0 then
