@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 # `make demo` work on a fresh clone; it is redone when pyproject.toml changes.
 INSTALLED := $(VENV)/.cotune-installed
 
-.PHONY: install lint format typecheck test test-fast bench demo clean
+.PHONY: install lint format typecheck test test-fast bench demo lock clean
 
 $(PY):
 	$(PY_BOOT) -m venv $(VENV)
@@ -20,7 +20,17 @@ $(INSTALLED): pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e ".[all,dev]"
 	touch $@
 
-install: $(INSTALLED)
+# checkov (tests/deploy/test_checkov.py) in a virtualenv of its own: its pins (boto3,
+# packaging, networkx) would downgrade the project's.
+CHECKOV_VERSION := 3.3.30
+CHECKOV := build/tools/checkov/bin/checkov
+$(CHECKOV):
+	rm -rf build/tools/checkov
+	$(PY_BOOT) -m venv build/tools/checkov
+	build/tools/checkov/bin/pip install -q --upgrade pip
+	build/tools/checkov/bin/pip install -q "checkov==$(CHECKOV_VERSION)"
+
+install: $(INSTALLED) $(CHECKOV)
 
 lint: $(INSTALLED)
 	$(PY) -m ruff check orchestrator worker tests bench
@@ -40,10 +50,10 @@ typecheck: $(INSTALLED)
 	cd $(TYPECHECK_TREE) && MYPYPATH=. $(CURDIR)/$(PY) -m mypy --config-file $(CURDIR)/pyproject.toml \
 		--cache-dir $(CURDIR)/.mypy_cache -p cotune.orchestrator -p cotune.worker
 
-test: $(INSTALLED)
+test: $(INSTALLED) $(CHECKOV)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: $(INSTALLED)
+test-fast: $(INSTALLED) $(CHECKOV)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: $(INSTALLED)
@@ -51,6 +61,10 @@ bench: $(INSTALLED)
 
 demo: $(INSTALLED)
 	$(VENV)/bin/cotune run examples/tiny/sweep.yaml --out out/tiny
+
+# deploy/docker/requirements.lock: the pins both images install with (deploy/docker/lock.py).
+lock: $(INSTALLED)
+	$(PY) deploy/docker/lock.py
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache

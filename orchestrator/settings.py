@@ -1,4 +1,8 @@
-"""Runtime settings: the one module that reads the environment; CLI flags override it."""
+"""Runtime settings: the one module that reads the environment; CLI flags override it.
+
+Secrets (COTUNE_ADMIN_TOKEN, COTUNE_JOIN_TOKEN, COTUNE_S3_ACCESS_KEY, COTUNE_S3_SECRET_KEY,
+COTUNE_REDIS_PASSWORD) may come from a file instead: COTUNE_<NAME>_FILE=/path.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +19,41 @@ def _env(name: str, default: str | None = None) -> str | None:
     return value if value not in (None, "") else default
 
 
+def _secret(name: str) -> str | None:
+    """COTUNE_<name>, or the content of the file COTUNE_<name>_FILE names (a mounted
+    Kubernetes Secret or Docker secret: the value then appears in no environment)."""
+    value, path = _env(ENV_PREFIX + name), _env(ENV_PREFIX + name + "_FILE")
+    if path is None:
+        return value
+    if value is not None:
+        raise ValueError(f"{ENV_PREFIX}{name} and {ENV_PREFIX}{name}_FILE are both set: keep one")
+    try:
+        text = Path(path).read_text().strip()
+    except OSError as exc:
+        raise ValueError(f"{ENV_PREFIX}{name}_FILE: cannot read {path}: {exc}") from None
+    if not text:
+        raise ValueError(f"{ENV_PREFIX}{name}_FILE: {path} is empty")
+    return text
+
+
+def _with_password(url: str | None, password: str | None) -> str | None:
+    """`url` with `password` (COTUNE_REDIS_PASSWORD[_FILE]) put in; refused if the URL has
+    one of its own, since which should win is anyone's guess."""
+    if url is None or password is None:
+        return url
+    from urllib.parse import quote, urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is not None:
+        raise ValueError(
+            f"{ENV_PREFIX}REDIS_URL has a password and {ENV_PREFIX}REDIS_PASSWORD is set too: "
+            "keep one"
+        )
+    user = quote(parts.username, safe="") if parts.username else ""
+    netloc = f"{user}:{quote(password, safe='')}@{parts.netloc.rpartition('@')[2]}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 @dataclass(frozen=True)
 class Settings:
     """Where cotune's services live. Empty endpoints mean "use the embedded stack"."""
@@ -27,9 +66,18 @@ class Settings:
     s3_secret_key: str | None = None
     s3_region: str = "us-east-1"
     ray_address: str | None = None
+    # GPUs the Ray cluster has or can scale to (COTUNE_RAY_GPUS): an autoscaled GPU group
+    # starts at none, so the count at connect time would say "CPU only". None: that count.
+    ray_gpus: float | None = None
     api_host: str = "127.0.0.1"
     api_port: int = 8470
     admin_token: str | None = None
+    # A standing volunteer join token (COTUNE_JOIN_TOKEN), registered at start if new: a
+    # deployment's Secret can hand volunteers one without `cotune token create --join`.
+    join_token: str | None = None
+    # The API's address for the cluster workers the coordinator launches on Ray
+    # (COTUNE_AGENT_URL); None: the API's own URL, right when they share a machine.
+    agent_url: str | None = None
     # The coordinator's API, for the job commands (`cotune submit ...`): COTUNE_COORDINATOR.
     coordinator_url: str | None = None
     # Leases: a worker that misses heartbeats this long loses its task (COTUNE_LEASE_TTL_S);
@@ -76,16 +124,19 @@ class Settings:
         home = _env(ENV_PREFIX + "HOME")
         settings = cls(
             home=Path(home).expanduser() if home else Path("~/.cotune").expanduser(),
-            redis_url=_env(ENV_PREFIX + "REDIS_URL"),
+            redis_url=_with_password(_env(ENV_PREFIX + "REDIS_URL"), _secret("REDIS_PASSWORD")),
             s3_endpoint=_env(ENV_PREFIX + "S3_ENDPOINT"),
             s3_bucket=_env(ENV_PREFIX + "S3_BUCKET", "cotune") or "cotune",
-            s3_access_key=_env(ENV_PREFIX + "S3_ACCESS_KEY"),
-            s3_secret_key=_env(ENV_PREFIX + "S3_SECRET_KEY"),
+            s3_access_key=_secret("S3_ACCESS_KEY"),
+            s3_secret_key=_secret("S3_SECRET_KEY"),
             s3_region=_env(ENV_PREFIX + "S3_REGION", "us-east-1") or "us-east-1",
             ray_address=_env("RAY_ADDRESS"),
+            ray_gpus=_optional_positive("RAY_GPUS", _env(ENV_PREFIX + "RAY_GPUS")),
             api_host=_env(ENV_PREFIX + "API_HOST", "127.0.0.1") or "127.0.0.1",
             api_port=_port(_env(ENV_PREFIX + "API_PORT", "8470")),
-            admin_token=_env(ENV_PREFIX + "ADMIN_TOKEN"),
+            admin_token=_secret("ADMIN_TOKEN"),
+            join_token=_secret("JOIN_TOKEN"),
+            agent_url=_env(ENV_PREFIX + "AGENT_URL"),
             coordinator_url=_env(ENV_PREFIX + "COORDINATOR"),
             lease_ttl_s=_positive("LEASE_TTL_S", _env(ENV_PREFIX + "LEASE_TTL_S"), 120.0),
             heartbeat_interval_s=_positive(
@@ -125,6 +176,10 @@ def _port(raw: str | None) -> int:
     if not 0 < port < 65536:
         raise ValueError(f"{ENV_PREFIX}API_PORT must be in 1..65535, got {port}")
     return port
+
+
+def _optional_positive(name: str, raw: str | None) -> float | None:
+    return None if raw is None else _positive(name, raw, 0.0)
 
 
 def _positive(name: str, raw: str | None, default: float) -> float:

@@ -2,8 +2,9 @@
 
 A spec's `base_model` is one of:
 
-    /path/to/folder        a Hugging Face folder on this machine (an s3:// base model arrives
-                           here too: the coordinator stages it and hands workers the folder)
+    /path/to/folder        a Hugging Face folder on this machine (an s3:// or coordinator-side
+                           folder arrives here too: the coordinator stages it as an archive,
+                           which worker/inputs.py unpacks into the models cache)
     cotune://tiny-llama    the built-in tiny model (worker/tinymodel.py), built on first use
                            into <cache>/tiny-llama-<version> (cache: $COTUNE_HOME/models)
     org/name               a Hugging Face hub id, loaded at its pinned revision

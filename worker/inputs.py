@@ -1,28 +1,27 @@
 """A leased task's inputs, fetched to local disk: data, start adapter, checkpoint, base model.
 
 Every file comes from a presigned GET and is kept only if its size and sha256 match what
-the coordinator announced (worker/transfer.py). A resume checkpoint or a staged base model
-arrives as a tar archive and is unpacked with the safe "data" filter (worker/checkpoint_sync.py);
-staged base models are cached by sha256, so the next task on the same model skips the
-download.
+the coordinator announced (worker/transfer.py). A resume checkpoint arrives as a tar archive
+and is unpacked with the safe "data" filter (worker/checkpoint_sync.py); a staged base model
+is one too, unpacked and cached by its sha256 under the models folder with the code the
+coordinator's evaluation uses (orchestrator/protocol/modelarchive.py `cached_model`), so
+the next task on the same model skips the download.
 """
 
 from __future__ import annotations
 
-import shutil
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import httpx
+from cotune.orchestrator.protocol.modelarchive import cached_model
 from cotune.orchestrator.protocol.task import TrainTask
 from cotune.orchestrator.protocol.wire import PresignedGet, TaskLease
 from cotune.worker.checkpoint import check_checkpoint
 from cotune.worker.checkpoint_sync import unpack_archive
 from cotune.worker.transfer import Transfers
-
-_COMPLETE_MARKER = ".complete"
 
 
 @dataclass(frozen=True)
@@ -88,20 +87,9 @@ def fetch_inputs(
 def _staged_model(
     src: PresignedGet, models: Path, get: Callable[[PresignedGet, Path, str], Path]
 ) -> Path:
-    """The Hugging Face folder of a staged base model archive, cached by its sha256."""
-    folder = models / src.sha256
-    if not (folder / _COMPLETE_MARKER).is_file():
-        archive = get(src, models / f"{src.sha256}.tar", "base model")
-        shutil.rmtree(folder, ignore_errors=True)
-        unpack_archive(archive, folder)
-        archive.unlink()
-        (folder / _COMPLETE_MARKER).touch()
-    if (folder / "config.json").is_file():
-        return folder
-    inner = [p for p in folder.iterdir() if (p / "config.json").is_file()]
-    if len(inner) != 1:
-        raise ValueError("base model archive: no Hugging Face folder (config.json) inside")
-    return inner[0]
+    """The Hugging Face folder of a staged base model archive, cached by its sha256
+    (ModelArchiveError, a ValueError, for an archive without one)."""
+    return cached_model(models, src.sha256, lambda dest: get(src, dest, "base model"))
 
 
 def _name_of(src: PresignedGet, default: str) -> str:

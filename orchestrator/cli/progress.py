@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 TERMINAL = TERMINAL_JOB_STATES
 SHOWN_EVENTS = {
     "job_state",
+    "base_model_staged",
     "trial_started",
     "round_evaluated",
     "trial_finished",
@@ -46,6 +47,8 @@ def describe_event(event: EventBody) -> str:
     if kind == "job_state":
         extra = f": {d['error']}" if d.get("error") else ""
         return f"job {d.get('from')} -> {d.get('to')}{extra}"
+    if kind == "base_model_staged":
+        return f"base model staged as {d.get('key')} ({d.get('bytes', 0) / 1e6:.1f} MB)"
     if kind == "trial_started":
         return f"trial {d.get('trial')} started: {format_params(d.get('params') or {})}"
     if kind == "round_evaluated":

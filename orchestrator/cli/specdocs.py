@@ -40,6 +40,19 @@ This page is generated from the models in `orchestrator/protocol/spec/sections.p
 - Checking runs in two stages: first every field on its own (all such errors are listed), then,
   once every field is valid, the checks between fields and against the files (all listed).
 
+## Base models
+
+`base_model` is a Hugging Face id (`org/name`, pinned by `base_model_revision`) that workers
+download from the hub; `cotune://tiny-llama`, which each worker builds on first use; or, with
+no hub and no shared disk, a folder on the coordinator (`/path`) or `s3://bucket/prefix/` in
+the coordinator's bucket. A folder or prefix is staged when the job starts: the coordinator
+packs its regular files into one archive and stores it once at `models/<sha256>/model.tar`
+(the same files give the same sha256, so jobs on one model share it); workers get it as a
+presigned download checked by that sha256, and they and the coordinator's evaluation cache
+the unpacked folder by it. The folder needs its config.json; symbolic links are refused
+(`huggingface-cli download --local-dir DIR` writes plain files), and `.git/` and `.cache/`
+are left out. A folder that cannot be staged fails the job with an error naming base_model.
+
 ## Search dimensions
 
 Searchable fields (marked *searchable* below) take a plain value, or:

@@ -3,9 +3,9 @@
 
 An event is (id, kind, time, data): the id is the Redis stream id ("1712345678901-0"),
 ordered, so a reader resumes after the last one it saw. Kinds: job_created, job_state,
-trial_started, trial_finished, round_evaluated, round_merged, task_queued, task_leased,
-progress, task_accepted, task_rejected, task_attempt_failed, task_released, lease_expired,
-task_failed, task_cancelled, and whatever the reconciler emits.
+base_model_staged, trial_started, trial_finished, round_evaluated, round_merged, task_queued,
+task_leased, progress, task_accepted, task_rejected, task_attempt_failed, task_released,
+lease_expired, task_failed, task_cancelled, and whatever the reconciler emits.
 """
 
 from __future__ import annotations

@@ -142,6 +142,7 @@ class JobRecord:
     error: str | None
     manifest_json: str | None
     best_trial: int | None
+    base_model_json: str | None = None  # a staged base model: StoredObject JSON
 
     @classmethod
     def from_hash(cls, h: dict[str, str]) -> JobRecord:
@@ -155,11 +156,19 @@ class JobRecord:
             error=_opt(h.get("error")),
             manifest_json=_opt(h.get("manifest_json")),
             best_trial=_opt_int(h.get("best_trial")),
+            base_model_json=_opt(h.get("base_model_json")),
         )
 
     @property
     def terminal(self) -> bool:
         return self.state in TERMINAL_JOB_STATES
+
+    def staged_model(self) -> StoredObject | None:
+        """The archive of the job's s3:// or local-folder base model in the store, once
+        staged (pipeline/modelstage.py); None before, and for hub ids and built-ins."""
+        if not self.base_model_json:
+            return None
+        return StoredObject.model_validate_json(self.base_model_json)
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ from cotune.orchestrator.protocol.states import TERMINAL_JOB_STATES
 SCRIPT_NAMES = (
     "create_job",
     "transition_job",
+    "record_base_model",
     "cancel_job",
     "put_trial",
     "record_round",

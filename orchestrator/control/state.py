@@ -203,6 +203,14 @@ class State:
             raise NotFound(f"no job {job_id!r}", "job_id")
         return status == "ok"
 
+    def record_base_model(self, job_id: str, staged_json: str) -> str:
+        """Keep a sharding job's staged base model (StoredObject JSON): the first one stays."""
+        answer = self.scripts("record_base_model", job_id, staged_json, self.clock())
+        status, value = text(answer[0]), text(answer[1])
+        if status != "ok":
+            raise (NotFound if status == "missing" else Conflict)(value, "job_id")
+        return value
+
     def cancel_job(self, job_id: str, reason: str = "the job was cancelled") -> JobRecord:
         """Cancel a job: its queued tasks are cancelled, running trials marked failed, live
         leases told to stop at their next heartbeat. Conflict if it already finished."""

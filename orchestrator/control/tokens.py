@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 ADMIN_TOKEN_FILE = "admin-token"
 JOIN_TOKEN_KEEP_S = 7 * 24 * 3600  # an expired join token is listed this long, then dropped
 WorkerKind = Literal["volunteer", "cluster"]
+MIN_GIVEN_TOKEN_CHARS = 32  # a standing join token from a deployment's Secret
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9 _.@+-]{0,63}$"  # a contributor (join token) name
 _NAME = re.compile(NAME_PATTERN)
 
@@ -147,8 +148,10 @@ class JoinTokens:
         *,
         max_uses: int | None = None,
         now: float | None = None,
+        token: str | None = None,
     ) -> tuple[str, JoinToken]:
-        """A new join token (the secret, shown once) and its record."""
+        """A new join token (the secret, shown once) and its record; `token` registers a
+        given secret (a deployment's standing token) instead of a random one."""
         check_name(name)
         if kind not in ("volunteer", "cluster"):
             raise ValueError(f"kind must be volunteer or cluster, got {kind!r}")
@@ -157,7 +160,14 @@ class JoinTokens:
         if max_uses is not None and max_uses < 1:
             raise ValueError(f"max_uses must be >= 1, got {max_uses}")
         now = self.clock() if now is None else now
-        token = new_token("join")
+        if token is None:
+            token = new_token("join")
+        elif len(token) < MIN_GIVEN_TOKEN_CHARS or not token.isascii() or not token.isprintable():
+            raise ValueError(
+                f"a given join token must be at least {MIN_GIVEN_TOKEN_CHARS} printable ASCII "
+                "characters (make one with `python -c 'import secrets; "
+                "print(secrets.token_urlsafe(32))'`)"
+            )
         record = JoinToken(
             token_sha256=token_hash(token),
             name=name,
@@ -187,6 +197,14 @@ class JoinTokens:
         pipe.zadd(self.keys.join_tokens(), {record.token_sha256: now})
         pipe.execute()
         return token, record
+
+    def ensure(self, token: str, name: str) -> bool:
+        """Register the standing volunteer join token `token` unless it is known (revoked
+        included: a revoked standing token stays revoked across restarts). True if new."""
+        if self.redis.exists(self.keys.join_token(token_hash(token))):
+            return False
+        self.create(name, "volunteer", token=token)
+        return True
 
     def get(self, token_sha256: str) -> JoinToken | None:
         from cotune.orchestrator.control.records import decode_hash

@@ -12,7 +12,10 @@
     jobs/<job>/trials/<t>/r<round>/merged/           the round's merged adapter (PEFT), eval.json
     jobs/<job>/best/                                 the best trial's adapter, README.md,
                                                      results.json
-    models/<sha256>/...                              base models staged for workers
+    models/<sha256>/model.tar                        a base model staged for workers and the
+                                                     coordinator's evaluation (a tar of its
+                                                     folder: protocol/modelarchive.py), by the
+                                                     archive's sha256
 
 Every key a worker may write holds its (task, attempt), so nobody overwrites anybody; a
 part that could break that (a job id with a '/', a negative number) raises LayoutError.
@@ -26,6 +29,7 @@ import re
 from typing import Protocol
 
 from cotune.orchestrator.data.manifest import MANIFEST
+from cotune.orchestrator.protocol.modelarchive import MODEL_ARCHIVE
 from cotune.orchestrator.protocol.wire import CHECKPOINT_ARCHIVE
 
 BASE_EVAL_FILE = "base_eval.json"
@@ -125,10 +129,16 @@ def checkpoint_key(task: TaskPlace, attempt: int, seq: int) -> str:
 
 
 def model_prefix(sha256: str) -> str:
-    """`models/<sha256>/`: a base model staged for workers, by the sha256 of its files."""
+    """`models/<sha256>/`: a base model staged for workers, by its archive's sha256."""
     if not _SHA256.fullmatch(sha256):
         raise LayoutError(f"model sha256: {sha256!r} is not 64 lowercase hex digits")
     return f"models/{sha256}/"
+
+
+def model_archive_key(sha256: str) -> str:
+    """`models/<sha256>/model.tar`: the staged archive itself (content-addressed: a key that
+    exists with this size and sha256 holds these bytes, so it is never written twice)."""
+    return model_prefix(sha256) + MODEL_ARCHIVE
 
 
 def _number(part: str, value: int) -> int:

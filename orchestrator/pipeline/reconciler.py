@@ -8,8 +8,10 @@ same state and takes the same step, or finds it taken.
 
 Job lifecycle (job state in brackets):
 
-    [pending]   -> [sharding]  shard the dataset into K shards + eval split (sharding.py);
-                               a manifest already in the store is reused
+    [pending]   -> [sharding]  stage an s3:// or local-folder base model into the store
+                               once (modelstage.py; recorded in the job), then shard the
+                               dataset into K shards + eval split (sharding.py); a manifest
+                               already in the store is reused
     [running]   ask Optuna for trials up to max_concurrent_trials (study.py); per trial:
                   round r tasks queued (rounds.py)  -> workers lease, train, complete
                   all K accepted -> merge + evaluate as a Ray task (merging.py)

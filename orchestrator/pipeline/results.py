@@ -6,7 +6,8 @@ and results.json with every trial.
     jobs/<id>/best/README.md                    model card: base, data, hyperparameters,
                                                 eval loss per round, contributing workers
     jobs/<id>/best/results.json                 every trial: params, eval losses, state,
-                                                and its accepted tasks with their tokens
+                                                and its accepted tasks with their tokens;
+                                                a staged base model's archive (key, sha256)
 
 The best trial is the complete trial with the best final eval loss (pruned and failed
 trials never are). Exporting twice writes the same objects again: idempotent.
@@ -103,6 +104,7 @@ def results_document(
         "job_id": job.job_id,
         "name": spec.name,
         "base_model": spec.base_model,
+        "base_model_archive": staged.model_dump() if (staged := job.staged_model()) else None,
         "metric": spec.search.metric,
         "direction": spec.search.direction,
         "method": spec.search.method,
@@ -130,6 +132,7 @@ def model_card(doc: dict[str, Any], spec: SweepSpec, best: TrialRecord) -> str:
     concrete = spec.with_params(best.params)
     t, lora, data = concrete.training, concrete.lora, doc["dataset"]
     base = doc["base_eval_loss"]
+    staged = doc.get("base_model_archive")
     pruned = sum(1 for row in doc["trials"] if row["state"] == "pruned")
     lines = [
         "---",
@@ -146,7 +149,8 @@ def model_card(doc: dict[str, Any], spec: SweepSpec, best: TrialRecord) -> str:
         f"`{doc['method']}` search ({pruned} pruned by the `{doc['pruner']}` pruner), judged "
         "by eval loss on a held-out split.",
         "",
-        f"- Base model: `{spec.base_model}` (quantization {concrete.quantization.type})",
+        f"- Base model: `{spec.base_model}` (quantization {concrete.quantization.type})"
+        + (f", staged as `{staged['key']}`" if staged else ""),
         f"- Data: `{data['source']}` ({data['format']}), {data['train_rows']} training rows in "
         f"{doc['shards']} shard(s), {data['eval_rows']} eval rows",
         f"- Eval loss: **{best.eval_losses[-1]:.4f}** (base model: "

@@ -12,7 +12,8 @@ at any instant and its successor runs it again:
        library) with explicit weights: the shards' rows from the manifest (never a worker's
        token count); evaluate it locally, then upload weights and card first and
        adapter_config.json last (its presence means the upload is whole), naming as its base
-       model the folder the evaluation loaded (the built-in model's, on this node)
+       model the folder the evaluation loaded (the built-in model's, on this node), or the
+       spec's s3:// prefix or folder for a staged base model
     4. evaluate on the job's eval split with `cotune evaluate` in a subprocess, upload
        eval.json (the marker that the round is done)
 
@@ -20,6 +21,11 @@ Evaluation runs the worker role's command rather than importing worker/ (orchest
 never imports worker/): the command line is the contract between the roles, and the
 subprocess frees the model's memory when it exits. `evaluate_base` scores the base model
 alone the same way, once per job (jobs/<job>/base_eval.json), for the model card.
+
+A staged base model (an s3:// or local-folder one: pipeline/modelstage.py) is evaluated from
+its archive in the store, unpacked once per node under the models folder by its sha256
+(protocol/modelarchive.py `cached_model`, the cache workers use too), so the coordinator
+scores exactly what workers train on, wherever Ray runs the step.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from cotune.orchestrator.data.objectstore import ObjectStore
+from cotune.orchestrator.protocol.modelarchive import cached_model
+from cotune.orchestrator.protocol.task import TrainTask
 
 EVAL_FILE = "eval.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -70,12 +78,14 @@ class StoredFile:
 
 @dataclass(frozen=True)
 class EvalSetup:
-    """What evaluation needs: how to load the base (a TrainTask) and the eval split."""
+    """What evaluation needs: how to load the base (a TrainTask, and the archive of a staged
+    base model) and the eval split."""
 
     task_json: str
     eval_file: StoredFile
     models_dir: str | None
     work_dir: str
+    base_archive: StoredFile | None = None
 
 
 @dataclass(frozen=True)
@@ -132,7 +142,7 @@ def merge_and_evaluate(request: MergeRequest) -> MergeOutcome:
             evaluating = clock()
             result = run_evaluate(request.evaluation, store, adapter=merged)
             uploading = clock()
-            _name_base(merged, result)
+            _name_base(merged, result, request.evaluation)
             _upload_merged(store, prefix, merged)
             merge_s = (evaluating - merging) + (clock() - uploading)
             eval_s = uploading - evaluating
@@ -183,10 +193,14 @@ def _merge(request: MergeRequest, store: ObjectStore, tmp: Path, merged: Path) -
         ) from exc
 
 
-def _name_base(merged: Path, result: dict[str, Any]) -> None:
+def _name_base(merged: Path, result: dict[str, Any], setup: EvalSetup) -> None:
     """The merged config names as its base the folder `cotune evaluate` loaded, where it
-    says (a built-in model's is built on this node), so the adapter loads from its config."""
-    base = result.get("base_model")
+    says (a built-in model's is built on this node), so the adapter loads from its config;
+    a staged base model by the spec's name for it (its s3:// prefix or folder), since the
+    folder loaded is this node's cache."""
+    staged = setup.base_archive is not None
+    base = TrainTask.model_validate_json(setup.task_json).base_model if staged else None
+    base = base or result.get("base_model")
     if not base:
         return
     config_file = merged / MERGE_COMPLETE_FILE
@@ -215,7 +229,7 @@ def _download_merged(store: ObjectStore, prefix: str, folder: Path) -> None:
 
 def run_evaluate(setup: EvalSetup, store: ObjectStore, *, adapter: Path | None) -> dict[str, Any]:
     """`cotune evaluate` in a subprocess: its result mapping (eval_loss, eval_tokens, ...)."""
-    return evaluate_file(setup, fetch_eval(setup, store), adapter=adapter)
+    return evaluate_file(setup, fetch_eval(setup, store), adapter=adapter, store=store)
 
 
 def fetch_eval(setup: EvalSetup, store: ObjectStore) -> Path:
@@ -230,12 +244,19 @@ def fetch_eval(setup: EvalSetup, store: ObjectStore) -> Path:
     return eval_file
 
 
-def evaluate_file(setup: EvalSetup, eval_file: Path, *, adapter: Path | None) -> dict[str, Any]:
+def evaluate_file(
+    setup: EvalSetup, eval_file: Path, *, adapter: Path | None, store: ObjectStore
+) -> dict[str, Any]:
     """`cotune evaluate` of the task in `setup` on the local `eval_file`."""
     work = Path(setup.work_dir)
+    task_json = setup.task_json
+    if setup.base_archive is not None:
+        task = TrainTask.model_validate_json(task_json)
+        folder = staged_base(setup, store)
+        task_json = task.model_copy(update={"base_model": str(folder)}).model_dump_json()
     with tempfile.TemporaryDirectory(prefix="evaluate-", dir=work) as tmp:
         task_file = Path(tmp) / "task.json"
-        task_file.write_text(setup.task_json)
+        task_file.write_text(task_json)
         out = Path(tmp) / "result.json"
         argv = [sys.executable, "-m", "cotune.orchestrator", "evaluate", "--task", str(task_file)]
         argv += ["--eval", str(eval_file), "--out", str(out)]
@@ -253,6 +274,19 @@ def evaluate_file(setup: EvalSetup, eval_file: Path, *, adapter: Path | None) ->
             raise MergeFailed(f"cotune evaluate exited with {proc.returncode}: {tail}")
         result: dict[str, Any] = json.loads(out.read_text())
     return result
+
+
+def staged_base(setup: EvalSetup, store: ObjectStore) -> Path:
+    """The staged base model's folder on this node: `<models>/<sha256>/`, downloaded
+    (sha256 checked) and unpacked on first use."""
+    archive = setup.base_archive
+    assert archive is not None
+    models = Path(setup.models_dir) if setup.models_dir else Path(setup.work_dir) / "models"
+
+    def fetch(dest: Path) -> None:
+        store.get_file(archive.key, dest, expected_sha256=archive.sha256)
+
+    return cached_model(models, archive.sha256, fetch)
 
 
 def _read_json(store: ObjectStore, key: str) -> dict[str, Any] | None:

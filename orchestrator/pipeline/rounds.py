@@ -10,7 +10,9 @@ Placement: a task sits in the memory tier (orchestrator/control/tiers.py) of wha
 the trial's settings on the base model's architecture (orchestrator/pipeline/placement.py).
 
 Object keys (orchestrator/data/layout.py): the inputs under jobs/<job>/data/, the start
-adapter in the previous round's merged/ folder.
+adapter in the previous round's merged/ folder, a staged base model (an s3:// or local-folder
+one: pipeline/modelstage.py) at models/<sha256>/model.tar; a hub id or a built-in model is
+handed to workers by name.
 """
 
 from __future__ import annotations
@@ -73,11 +75,13 @@ def round_tasks(
     start: dict[str, StoredObject] | None,
     max_attempts: int,
     store: ObjectStore | None = None,
+    staged_model: StoredObject | None = None,
 ) -> list[TaskRecord]:
     """The K queued tasks of (trial, round); `start` is None in round 0 only.
 
     `store` (the coordinator's) is where an s3:// base model's config.json is read for
-    placement.
+    placement; `staged_model` the archive of the spec's s3:// or local-folder base model,
+    which every task downloads instead of the name.
     """
     if (start is None) != (round == 0):
         raise ValueError(f"round {round}: a start adapter is needed after round 0, and only then")
@@ -88,7 +92,7 @@ def round_tasks(
             trial_spec, seed=seed_for(job_id, trial, round, shard, trial_spec.training.seed)
         )
         inputs = TaskInputs(
-            base_model=trial_spec.base_model,
+            base_model=staged_model or trial_spec.base_model,
             train=[data_object(job_id, split)],
             start_adapter=start,
         )

@@ -1,11 +1,11 @@
 """The reconciler's steps: given a job's state in Redis, take the next step (idempotently).
 
 orchestrator/pipeline/reconciler.py runs the loop and explains the lifecycle and the crash points;
-this module holds the steps themselves: shard, ask trials, advance each trial round by
-round (queue tasks, verify volunteers' results (pipeline/verification.py), merge and
-evaluate, report, prune or go on), tell Optuna, export.
-`JobContext` caches what is derived from Redis (the parsed spec, the manifest, the study)
-and the handles of work in flight on the pool; losing it (a restart) loses nothing.
+this module holds the steps themselves: stage the base model and shard, ask trials, advance
+each trial round by round (queue tasks, verify volunteers' results (pipeline/verification.py),
+merge and evaluate, report, prune or go on), tell Optuna, export. `JobContext` caches what
+is derived from Redis (the spec, the staged base model, the manifest, the study) and the
+handles of work in flight on the pool; losing it (a restart) loses nothing.
 """
 
 from __future__ import annotations
@@ -19,11 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 from cotune.orchestrator.control.intake import adapter_config
 from cotune.orchestrator.control.queue import Queue
-from cotune.orchestrator.control.records import JobRecord, TaskRecord, TrialRecord
+from cotune.orchestrator.control.records import JobRecord, StoredObject, TaskRecord, TrialRecord
 from cotune.orchestrator.data.layout import base_eval_key, data_key, manifest_key, merged_prefix
 from cotune.orchestrator.data.manifest import Manifest, ManifestError
 from cotune.orchestrator.data.sharding import ShardingError
 from cotune.orchestrator.data.shardstore import shard_to_store
+from cotune.orchestrator.pipeline.modelstage import ModelStageError, staged_for_job
 from cotune.orchestrator.pipeline.results import export_best
 from cotune.orchestrator.pipeline.roundmerge import (
     EvalSetup,
@@ -60,6 +61,7 @@ class JobContext:
 
     job_id: str
     spec: SweepSpec | None = None
+    base_archive: StoredObject | None = None  # a staged base model (pipeline/modelstage.py)
     manifest: Manifest | None = None
     study: JobStudy | None = None
     trial_specs: dict[int, SweepSpec] = field(default_factory=dict)
@@ -123,9 +125,7 @@ class JobSteps:
 
     def demand(self) -> int:
         """Tasks queued or leased, over every job: what cluster workers could take."""
-        queued = sum(Queue(self.state).depths().values())
-        leased = self.state.leased_count()
-        return queued + leased
+        return sum(Queue(self.state).depths().values()) + self.state.leased_count()
 
     # --- sharding -----------------------------------------------------------------------
 
@@ -134,6 +134,7 @@ class JobSteps:
         spec = ctx.spec
         key = manifest_key(job.job_id)
         try:
+            ctx.base_archive = staged_for_job(self.state, self.store, job, spec, self.work_dir)
             if self.store.exists(key):  # sharded before a restart: the upload is whole
                 manifest = Manifest.from_json(self.store.get_bytes(key), origin=key)
             else:
@@ -147,6 +148,9 @@ class JobSteps:
                     seed=spec.dataset.seed,
                     max_bad_rows=spec.dataset.max_bad_rows,
                 )
+        except ModelStageError as exc:
+            self._fail_job(job, f"base_model {spec.base_model}: {exc}", expect="sharding")
+            return
         except (ShardingError, ManifestError) as exc:
             self._fail_job(job, f"sharding {spec.dataset.path}: {exc}", expect="sharding")
             return
@@ -162,6 +166,7 @@ class JobSteps:
             if not job.manifest_json:
                 raise ManifestError(f"job {job.job_id} is running without a manifest")
             ctx.manifest = Manifest.from_json(job.manifest_json)
+            ctx.base_archive = job.staged_model()
         if ctx.study is None:
             redis_url = self.settings.redis_url or ""
             ctx.study = JobStudy.open(
@@ -257,6 +262,7 @@ class JobSteps:
             start=start,
             max_attempts=self.settings.max_attempts,
             store=self.store,
+            staged_model=ctx.base_archive,
         ):
             # a no-op for a task queued before a restart
             self.state.enqueue_task(dataclasses.replace(task, **trust))
@@ -352,6 +358,7 @@ class JobSteps:
             eval_file=StoredFile(data_key(ctx.job_id, split.name), split.sha256),
             models_dir=str(self.settings.home / "models"),
             work_dir=str(self.work_dir / ctx.job_id),
+            base_archive=StoredFile(b.key, b.sha256) if (b := ctx.base_archive) else None,
         )
 
     def _finish_trial(

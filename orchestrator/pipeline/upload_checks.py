@@ -217,7 +217,7 @@ def probe_loss(probe: ProbeSetup, store: ObjectStore, adapter: Path) -> float:
     slice_file = whole.with_name(f"{whole.name.split('.')[0]}-probe-{probe.rows}.jsonl")
     if not slice_file.is_file():
         _first_rows(whole, probe.rows, slice_file)
-    result = evaluate_file(probe.evaluation, slice_file, adapter=adapter)
+    result = evaluate_file(probe.evaluation, slice_file, adapter=adapter, store=store)
     loss = float(result["eval_loss"])
     if not math.isfinite(loss):
         raise MergeFailed(f"the eval loss is not finite ({loss})")

@@ -29,6 +29,9 @@ from cotune.orchestrator.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# The contributor name of COTUNE_JOIN_TOKEN's workers (a deployment's standing token).
+STANDING_JOIN_TOKEN_NAME = "volunteers"
+
 
 class CoordinatorService:
     """See the module docstring. `workers` None: one per GPU of the Ray cluster, else one."""
@@ -80,15 +83,21 @@ class CoordinatorService:
             # and the base model's evaluation, so workers never starve the trusted work.
             wanted = self.workers if self.workers is not None else 1
             cpus = max(os.cpu_count() or 1, wanted + 2)
-            self.pool = RayPool.connect(self.settings.ray_address, num_cpus=cpus)
+            self.pool = RayPool.connect(
+                self.settings.ray_address, num_cpus=cpus, gpus=self.settings.ray_gpus
+            )
             self.api_context = ApiContext.from_settings(self.settings)
+            if self.settings.join_token and self.api_context.workers.join_tokens.ensure(
+                self.settings.join_token, STANDING_JOIN_TOKEN_NAME
+            ):
+                log.info("registered the standing join token %r", STANDING_JOIN_TOKEN_NAME)
             self.api = serve_api(self.api_context, port=self.api_port)
             state = self.api_context.state
             max_agents = self.workers if self.workers is not None else max(int(self.pool.gpus), 1)
             if max_agents > 0:
                 token, _ = self.api_context.workers.join_tokens.create("cluster", kind="cluster")
                 self.pool.launch = AgentLaunch(
-                    coordinator_url=self.api.url,
+                    coordinator_url=self.settings.agent_url or self.api.url,
                     join_token=token,
                     home=self.settings.home,
                     max_agents=max_agents,

@@ -54,9 +54,11 @@ class _Agent:
 
         from cotune.orchestrator.runtime.services.process import ManagedProcess
 
+        # This node's interpreter, not the coordinator's: on a cluster the two run different
+        # images (the coordinator's slim one, the Ray pods' CUDA one) with Python elsewhere.
         self.proc = ManagedProcess(
             "cotune worker",
-            argv,
+            [sys.executable, *argv],
             Path(log_path),
             env={**os.environ, **env},
             stop_grace_s=60.0,  # time to upload a checkpoint and give the lease back
@@ -102,10 +104,19 @@ class RayPool:
 
     @classmethod
     def connect(
-        cls, address: str | None, *, launch: AgentLaunch | None = None, num_cpus: int | None = None
+        cls,
+        address: str | None,
+        *,
+        launch: AgentLaunch | None = None,
+        num_cpus: int | None = None,
+        gpus: float | None = None,
     ) -> RayPool:
         """Join the cluster at `address`, or start a local Ray (reused if this process
-        already runs one, as the tests do)."""
+        already runs one, as the tests do).
+
+        `gpus`: the GPUs the cluster can scale to (COTUNE_RAY_GPUS), when more than it has
+        now: an autoscaled GPU group starts at none, and only work that asks for a GPU
+        makes the autoscaler add one."""
         import signal
         import threading
 
@@ -131,8 +142,8 @@ class RayPool:
                 )
         if sigterm is not None:
             signal.signal(signal.SIGTERM, sigterm)
-        gpus = float(ray.cluster_resources().get("GPU", 0.0))
-        return cls(gpus=gpus, launch=launch)
+        present = float(ray.cluster_resources().get("GPU", 0.0))
+        return cls(gpus=max(present, gpus or 0.0), launch=launch)
 
     # --- trusted work ---------------------------------------------------------------------
 
@@ -204,7 +215,7 @@ class RayPool:
         self._started += 1
         name = f"agent-{self._started}"
         work_dir = launch.home / "workers" / name
-        argv = [sys.executable, "-m", "cotune.orchestrator", "worker"]
+        argv = ["-m", "cotune.orchestrator", "worker"]
         argv += ["--coordinator", launch.coordinator_url, "--join-token", launch.join_token]
         argv += ["--work-dir", str(work_dir)]
         resources: dict[str, Any] = {"num_cpus": 1}

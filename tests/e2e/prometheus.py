@@ -59,6 +59,8 @@ class PrometheusServer:
         config["rule_files"] = [str(folder / "rules.yml")]
         jobs = [j for j in config["scrape_configs"] if j["job_name"] == SCRAPE_JOB]
         assert jobs, f"deploy/prometheus/prometheus.yml has no {SCRAPE_JOB} job"
+        # The test's own target in place of the file the job reads (targets/coordinator.yml).
+        jobs[0].pop("file_sd_configs", None)
         jobs[0]["static_configs"] = [{"targets": [target]}]
         config["scrape_configs"] = jobs  # Ray's job: its discovery file is not this test's
         (folder / "prometheus.yml").write_text(yaml.safe_dump(config, sort_keys=False))

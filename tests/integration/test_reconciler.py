@@ -208,6 +208,52 @@ def test_a_bad_dataset_fails_the_job_with_the_reason(setup: dict[str, Any], tmp_
     assert "sharding" in (job.error or "") and str(bad) in (job.error or "")
 
 
+def upload_folder(store: Any, folder: Path, prefix: str) -> str:
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            store.put_file(prefix + path.relative_to(folder).as_posix(), path)
+    return f"s3://{store.bucket}/{prefix}"
+
+
+def test_an_s3_base_model_is_staged_once_and_every_task_downloads_it(
+    setup: dict[str, Any], tiny_model_dir: Path
+) -> None:
+    state, store = setup["state"], setup["store"]
+    url = upload_folder(store, tiny_model_dir, "uploads/tiny-llama/")
+    spec = make_spec(setup["data"]).model_copy(update={"base_model": url})
+    first, second = submit(setup, spec, "recon-1"), submit(setup, spec, "recon-2")
+    loop = reconciler(setup, NoPool())
+    for _ in range(3):
+        loop.run(once=True)
+    staged = state.get_job(first).staged_model()
+    assert state.get_job(first).state == "running" and staged is not None
+    assert staged.key == f"models/{staged.sha256}/model.tar"
+    for task in state.tasks_of(first):
+        assert task.inputs().base_model == staged  # a presigned GET at lease time
+        # The task keeps the spec's name: a worker loads the folder it unpacks instead.
+        assert TrainTask.model_validate_json(task.task_json).base_model == url
+    events = [e for e in state.events.read(first, count=10_000) if e.kind == "base_model_staged"]
+    assert [e.data["key"] for e in events] == [staged.key]
+    # The second job on the same model has the same archive, and the store holds one.
+    assert state.get_job(second).staged_model() == staged
+    assert [o.key for o in store.list("models/")] == [staged.key]
+
+
+def test_a_base_model_that_cannot_be_staged_fails_the_job_naming_it(setup: dict[str, Any]) -> None:
+    state, store = setup["state"], setup["store"]
+    store.put_bytes("uploads/weights-only/model.safetensors", b"x")
+    url = f"s3://{store.bucket}/uploads/weights-only/"
+    job_id = submit(setup, make_spec(setup["data"]).model_copy(update={"base_model": url}))
+    reconciler(setup, NoPool()).run(once=True)
+    job = state.get_job(job_id)
+    assert job.state == "failed" and state.tasks_of(job_id) == []
+    assert (job.error or "").startswith(f"base_model {url}: ")
+    assert "has no config.json" in (job.error or "")
+    [failed] = [e for e in state.events.read(job_id) if e.data.get("to") == "failed"]
+    assert failed.data["error"] == job.error
+    assert list(store.list("models/")) == []
+
+
 # --- the whole lifecycle, with accepted tasks -----------------------------------------------
 
 

@@ -165,6 +165,24 @@ def test_revoking_one_token_by_its_hash_spares_the_owners_other_tokens(state: St
     assert registry.enroll(kept, HARDWARE)[0].name == "carol"
 
 
+def test_a_standing_join_token_is_registered_once_and_stays_revoked(state: State) -> None:
+    """COTUNE_JOIN_TOKEN (a deployment's Secret): registered at the first start, left alone
+    at the next, and a revoked one is not brought back by a restart."""
+    tokens = JoinTokens(state.redis, state.keys, state.clock)
+    standing = "ctj_standing-token-from-a-kubernetes-secret-000"
+    assert tokens.ensure(standing, "volunteers") is True
+    record = tokens.verify(standing)
+    assert record is not None and (record.name, record.kind) == ("volunteers", "volunteer")
+    assert tokens.ensure(standing, "volunteers") is False
+    assert [t.name for t in tokens.all()] == ["volunteers"]
+    Workers(state).revoke_join_token(record.token_sha256)
+    assert tokens.ensure(standing, "volunteers") is False
+    assert tokens.verify(standing) is None
+    with pytest.raises(ValueError, match="at least 32 printable ASCII characters"):
+        tokens.ensure("short", "volunteers")
+    assert len(tokens.all()) == 1
+
+
 def test_a_worker_token_expires_unless_used(state: State, clock: Clock) -> None:
     registry = Workers(state, token_ttl_s=3600)
     secret, _ = JoinTokens(state.redis, state.keys, state.clock).create("dave")

@@ -23,6 +23,7 @@ from cotune.orchestrator.data.layout import (
     job_prefix,
     manifest_key,
     merged_prefix,
+    model_archive_key,
     model_prefix,
     round_prefix,
     spec_key,
@@ -67,6 +68,7 @@ def test_the_keys_of_a_sample_task_are_the_documented_ones():
     assert merged_prefix(JOB, 3, 2) == "jobs/tiny-1a2b3c4d/trials/3/r2/merged/"
     assert best_prefix(JOB) == "jobs/tiny-1a2b3c4d/best/"
     assert model_prefix(SHA) == f"models/{SHA}/"
+    assert model_archive_key(SHA) == f"models/{SHA}/model.tar"
 
 
 def test_the_module_docstring_shows_exactly_the_keys_the_functions_build():
@@ -99,7 +101,7 @@ def test_the_module_docstring_shows_exactly_the_keys_the_functions_build():
         checkpoint_key(TASK, 4, 7),
         merged_prefix(JOB, 3, 2),
         best_prefix(JOB),
-        model_prefix(SHA),
+        model_archive_key(SHA),
     }
     assert documented == built
 
@@ -152,6 +154,8 @@ def test_parts_that_could_collide_are_refused_with_their_name():
         data_key(JOB, "..")
     with pytest.raises(LayoutError, match="model sha256"):
         model_prefix("ABC")
+    with pytest.raises(LayoutError, match="model sha256"):
+        model_archive_key("../" + SHA)
 
 
 # -- one owner ------------------------------------------------------------------------------

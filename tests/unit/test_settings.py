@@ -20,6 +20,9 @@ VARIABLES = {
     "COTUNE_API_HOST": "0.0.0.0",
     "COTUNE_API_PORT": "9000",
     "COTUNE_ADMIN_TOKEN": "admin-token",
+    "COTUNE_JOIN_TOKEN": "join-token-of-a-deployment-secret-0123456789",
+    "COTUNE_AGENT_URL": "http://coordinator.cotune.svc:8470",
+    "COTUNE_RAY_GPUS": "16",
 }
 
 
@@ -57,6 +60,9 @@ def test_every_variable_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
         api_host="0.0.0.0",
         api_port=9000,
         admin_token="admin-token",
+        join_token="join-token-of-a-deployment-secret-0123456789",
+        agent_url="http://coordinator.cotune.svc:8470",
+        ray_gpus=16.0,
     )
     assert not settings.embedded
 
@@ -116,3 +122,63 @@ def test_settings_are_frozen() -> None:
     settings = Settings()
     with pytest.raises(AttributeError):
         settings.redis_url = "redis://elsewhere"  # type: ignore[misc]
+
+
+SECRETS = ["ADMIN_TOKEN", "JOIN_TOKEN", "S3_ACCESS_KEY", "S3_SECRET_KEY"]
+
+
+@pytest.mark.parametrize("name", SECRETS)
+def test_a_secret_can_come_from_a_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: str
+) -> None:
+    """A mounted Secret: COTUNE_<NAME>_FILE names it, and the trailing newline goes."""
+    (tmp_path / "secret").write_text("from-the-file\n")
+    monkeypatch.setenv(f"COTUNE_{name}_FILE", str(tmp_path / "secret"))
+    assert getattr(Settings.from_env(), name.lower()) == "from-the-file"
+
+
+@pytest.mark.parametrize("name", SECRETS)
+def test_a_secret_file_that_is_missing_empty_or_doubled_is_named(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: str
+) -> None:
+    monkeypatch.setenv(f"COTUNE_{name}_FILE", str(tmp_path / "absent"))
+    with pytest.raises(ValueError, match=f"COTUNE_{name}_FILE: cannot read .*absent"):
+        Settings.from_env()
+    (tmp_path / "empty").write_text("\n")
+    monkeypatch.setenv(f"COTUNE_{name}_FILE", str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match=f"COTUNE_{name}_FILE: .*empty is empty"):
+        Settings.from_env()
+    monkeypatch.setenv(f"COTUNE_{name}", "inline")
+    with pytest.raises(ValueError, match=f"COTUNE_{name} and COTUNE_{name}_FILE are both set"):
+        Settings.from_env()
+
+
+def test_the_redis_password_goes_into_the_url(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    (tmp_path / "pw").write_text("p@ss/word:1\n")
+    monkeypatch.setenv("COTUNE_REDIS_PASSWORD_FILE", str(tmp_path / "pw"))
+    monkeypatch.setenv("COTUNE_REDIS_URL", "rediss://redis.internal:6380/2")
+    url = Settings.from_env().redis_url
+    assert url == "rediss://:p%40ss%2Fword%3A1@redis.internal:6380/2"
+    import redis
+
+    kwargs = redis.connection.parse_url(url)
+    assert (kwargs["password"], kwargs["host"], kwargs["port"]) == (
+        "p@ss/word:1",
+        "redis.internal",
+        6380,
+    )
+    monkeypatch.setenv("COTUNE_REDIS_URL", "redis://app@redis.internal:6379/0")
+    assert Settings.from_env().redis_url == "redis://app:p%40ss%2Fword%3A1@redis.internal:6379/0"
+    monkeypatch.setenv("COTUNE_REDIS_URL", "redis://:inline@redis.internal:6379/0")
+    with pytest.raises(
+        ValueError, match="COTUNE_REDIS_URL has a password and COTUNE_REDIS_PASSWORD"
+    ):
+        Settings.from_env()
+
+
+def test_ray_gpus_must_be_positive(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COTUNE_RAY_GPUS", "0")
+    with pytest.raises(ValueError, match="COTUNE_RAY_GPUS must be > 0"):
+        Settings.from_env()
