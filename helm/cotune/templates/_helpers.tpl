@@ -135,6 +135,9 @@ redis://{{ include "cotune.redis" . }}:6379/0
 {{- $dir := include "cotune.secretsDir" . -}}
 - name: COTUNE_HOME
   value: /var/lib/cotune
+# Caches (Ray's client, Hugging Face) under the writable home, not the read-only root.
+- name: HOME
+  value: /var/lib/cotune/user
 - name: COTUNE_REDIS_URL
   value: {{ include "cotune.redisUrl" . | quote }}
 {{- if include "cotune.redisPasswordSecret" . }}
