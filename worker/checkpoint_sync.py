@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from cotune.orchestrator.protocol.modelarchive import unpack_tar
 from cotune.orchestrator.protocol.wire import CheckpointRef
 from cotune.worker.checkpoint import PICKLE_ONLY_FILES
 from cotune.worker.heartbeat import Heartbeat
@@ -48,18 +49,9 @@ def pack_checkpoint(folder: Path, archive: Path) -> Path:
 
 
 def unpack_archive(archive: Path, folder: Path) -> Path:
-    """Extract a tar archive (a checkpoint from any worker, a staged model: untrusted).
-
-    The "data" filter refuses absolute paths, `..`, links leaving the folder, devices and
-    odd permissions; the archive's size was bounded by the upload's policy.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    try:
-        with tarfile.open(archive, "r:") as tar:
-            tar.extractall(folder, filter="data")
-    except (tarfile.TarError, OSError) as e:
-        raise ValueError(f"archive {archive.name}: cannot unpack ({e})") from None
-    return folder
+    """Extract a checkpoint archive (from any worker: untrusted) with the shared safe
+    extraction; its size was bounded by the upload's policy. Raises ValueError."""
+    return unpack_tar(archive, folder, label=f"archive {archive.name}")
 
 
 @dataclass(frozen=True)

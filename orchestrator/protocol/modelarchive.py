@@ -168,14 +168,20 @@ def cached_model(models: Path, sha256: str, fetch: Callable[[Path], Any]) -> Pat
 
 
 def unpack_model(archive: Path, folder: Path) -> Path:
-    """Extract a model archive into `folder` with the "data" filter (no absolute paths,
-    `..`, links out of the folder, devices or odd permissions)."""
+    """Extract a model archive into `folder` (see `unpack_tar`)."""
+    return unpack_tar(archive, folder, label="base model archive")
+
+
+def unpack_tar(archive: Path, folder: Path, *, label: str) -> Path:
+    """Extract an untrusted tar archive (a staged model, a checkpoint from any worker) into
+    `folder` with the "data" filter: no absolute paths, `..`, links out of the folder,
+    devices or odd permissions. ModelArchiveError (a ValueError) names `label`."""
     folder.mkdir(parents=True, exist_ok=True)
     try:
         with tarfile.open(archive, "r:") as tar:
             tar.extractall(folder, filter="data")
     except (tarfile.TarError, OSError) as exc:
-        raise ModelArchiveError(f"base model archive: cannot unpack it ({exc})") from None
+        raise ModelArchiveError(f"{label}: cannot unpack ({exc})") from None
     return folder
 
 
