@@ -168,6 +168,9 @@ class LiveScreen:
             redirect_stderr=False,
         )
         self._live.start()
+        # Redrawn at once on each milestone too: a phase that outruns the 4 Hz redraws (the
+        # last steps of a short task, say) still shows on the terminal.
+        self.view.on_milestone(self._redraw)
         self._saved["transformers"] = _route_transformers()
         return self
 
@@ -192,6 +195,10 @@ class LiveScreen:
         os.close(self._saved["stderr_fd"])
         assert self._log is not None
         self._log.close()
+
+    def _redraw(self) -> None:
+        if self._live is not None and self._live.is_started:
+            self._live.refresh()
 
     def abandon(self) -> None:
         """Before os._exit (a second Ctrl-C): give the terminal its cursor back."""

@@ -137,6 +137,17 @@ class WorkerView:
         )
         self._transfers: dict[int, TransferState] = {}
         self._next_transfer = 0
+        self._milestone_listeners: list[Callable[[], None]] = []
+
+    def on_milestone(self, listener: Callable[[], None]) -> None:
+        """Call `listener` after each change a screen must not miss between its redraws: a
+        new task, a phase, a task's end, the stop. It runs on the changing thread, with the
+        view unlocked (so it may take `snapshot()` and a renderer's own lock)."""
+        self._milestone_listeners.append(listener)
+
+    def _milestone(self) -> None:
+        for listener in self._milestone_listeners:
+            listener()
 
     def snapshot(self) -> ViewState:
         with self._lock:
@@ -179,11 +190,14 @@ class WorkerView:
                 max_steps=lease.task.max_steps or 0,
             )
         )
+        self._milestone()
 
     def phase(self, phase: str) -> None:
         with self._lock:
-            if self._state.task is not None:
-                self._update(task=replace(self._state.task, phase=phase))
+            if self._state.task is None:
+                return
+            self._update(task=replace(self._state.task, phase=phase))
+        self._milestone()  # the step the phase ended on is drawn before the next phase runs
 
     def progress(self, progress: ProgressLike) -> None:
         with self._lock:
@@ -218,12 +232,14 @@ class WorkerView:
         }[outcome]
         with self._lock:
             self._update(task=None, **{counter: getattr(self._state, counter) + 1})
+        self._milestone()
 
     def stop_requested(self) -> None:
         self._update(stopping=True)
 
     def stopped(self) -> None:
         self._update(stopped=True, task=None)
+        self._milestone()
 
     def event(self, line: str) -> None:
         self._update(last_event=line)

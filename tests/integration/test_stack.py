@@ -414,3 +414,29 @@ def test_stop_escalates_to_sigkill_and_reaches_the_whole_group(tmp_path: Path) -
     proc.stop()  # SIGTERM is ignored: only the SIGKILL that follows can end it
     assert not ident.alive()
     assert _gone({grandchild}, timeout_s=5)
+
+
+def test_a_killed_multithreaded_service_starts_again_at_once(tmp_path: Path) -> None:
+    """kill -9 then restart, as the durability tests do to Redis: a leader whose other
+    threads are still exiting (here: busy in fsync) shows as a zombie that cannot be reaped
+    yet, and a start right after the stop must not find the old run "still running"."""
+    busy = (
+        "import os, sys, threading, time\n"
+        "def sync(path):\n"
+        "    with open(path, 'wb') as f:\n"
+        "        while True:\n"
+        "            f.seek(0); f.write(os.urandom(1 << 20)); f.flush(); os.fsync(f.fileno())\n"
+        "for i in range(4):\n"
+        "    threading.Thread(target=sync, args=(f'{sys.argv[1]}/f{i}',), daemon=True).start()\n"
+        "time.sleep(600)\n"
+    )
+    proc = ManagedProcess("busy", [sys.executable, "-c", busy, str(tmp_path)], tmp_path / "b.log")
+    proc.start()
+    try:
+        for _ in range(10):
+            time.sleep(0.2)
+            os.kill(proc.ident.pid, signal.SIGKILL)
+            proc.stop()
+            proc.start()  # raised "busy is already running" before stop waited for the reap
+    finally:
+        proc.stop()

@@ -303,6 +303,11 @@ class ManagedProcess:
             return
         try:
             stop_process_group(self._ident, self.stop_grace_s, reap=self._popen.poll)
+            # A killed multi-threaded leader shows as a zombie while its other threads are
+            # still exiting, and cannot be reaped until they have: wait for it, so that a
+            # start right after this stop does not find the old run still "running".
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._popen.wait(timeout=5.0)
         finally:
             if self.after_stop is not None:
                 self.after_stop()

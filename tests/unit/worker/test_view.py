@@ -283,3 +283,25 @@ def test_live_screen_keeps_library_noise_off_the_terminal_and_in_the_log(tmp_pat
     assert "worker.log" not in str(getattr(sys.stderr, "name", ""))
     assert logging.getLogger("transformers").propagate is propagate
     assert hf_logging.is_progress_bar_enabled()
+
+
+def test_each_phase_is_drawn_even_when_it_outruns_the_redraws(tmp_path: Path) -> None:
+    """A short task's last steps, its upload and its end all happen within one 4 Hz redraw:
+    milestones redraw at once, so the terminal still shows the step a phase ended on."""
+    terminal = io.StringIO()
+    view = WorkerView("http://coord.test", CPU, log_file=tmp_path / "worker.log")
+    drawn: list[str] = []
+    view.on_milestone(
+        lambda: drawn.append(view.snapshot().task.phase if view.snapshot().task else "-")
+    )
+    console = Console(file=terminal, width=200, force_terminal=True)
+    with LiveScreen(view, tmp_path / "worker.log", console=console):
+        view.leased(lease())
+        view.phase("training")
+        for step in range(1, 11):
+            view.progress(progress(step, 1.0 / step))
+        view.phase("uploading")
+        view.task_ended("completed")
+    shown = ANSI.sub("", terminal.getvalue())
+    assert drawn == ["downloading", "training", "uploading", "-"]
+    assert "phase        uploading" in shown and "step 10/10" in shown, shown
