@@ -29,7 +29,9 @@ if TYPE_CHECKING:
 TERMINAL = TERMINAL_JOB_STATES
 SHOWN_EVENTS = {
     "job_state",
+    "sharding_started",
     "base_model_staged",
+    "dataset_sharded",
     "trial_started",
     "round_evaluated",
     "trial_finished",
@@ -47,6 +49,15 @@ def describe_event(event: EventBody) -> str:
     if kind == "job_state":
         extra = f": {d['error']}" if d.get("error") else ""
         return f"job {d.get('from')} -> {d.get('to')}{extra}"
+    if kind == "sharding_started":
+        staging = f"staging {d['staging']}, then " if d.get("staging") else ""
+        return f"{staging}sharding {d.get('dataset')} into {d.get('shards')} shard(s)"
+    if kind == "dataset_sharded":
+        how = "manifest reused" if d.get("reused") else f"{d.get('seconds', 0):.1f} s"
+        return (
+            f"dataset sharded: {d.get('rows')} training rows in {d.get('shards')} shard(s), "
+            f"{d.get('eval_rows')} eval rows ({how})"
+        )
     if kind == "base_model_staged":
         return f"base model staged as {d.get('key')} ({d.get('bytes', 0) / 1e6:.1f} MB)"
     if kind == "trial_started":

@@ -5,7 +5,8 @@ An event is (id, kind, time, data): the id is the Redis stream id ("171234567890
 ordered, so a reader resumes after the last one it saw. Kinds: job_created, job_state,
 base_model_staged, trial_started, trial_finished, round_evaluated, round_merged, task_queued,
 task_leased, progress, task_accepted, task_rejected, task_attempt_failed, task_released,
-lease_expired, task_failed, task_cancelled, and whatever the reconciler emits.
+lease_expired, task_failed, task_cancelled, and what the reconciler emits (sharding_started,
+dataset_sharded, merge_failed, redundancy_rerun, coordinator_error).
 """
 
 from __future__ import annotations

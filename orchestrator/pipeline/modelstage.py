@@ -1,21 +1,23 @@
 """Base models without a hub: a spec's s3:// or local-folder base model, staged into the store.
 
 Workers never read the coordinator's bucket or disk, and cannot load `s3://...`: so before
-a job's first round (beside sharding, in the `sharding` state) the coordinator packs the
-model folder into one deterministic tar (protocol/modelarchive.py) and uploads it to
-models/<sha256>/model.tar (data/layout.py). Tasks carry it as a StoredObject base model,
-leases hand it out as a presigned GET with its sha256, and workers and the coordinator's
-own evaluation cache the unpacked folder by that sha256.
+a job's first round (beside sharding, in the `sharding` state, as a call off the reconciler's
+loop: pipeline/sharding_step.py) the coordinator packs the model folder into one
+deterministic tar (protocol/modelarchive.py) and uploads it to models/<sha256>/model.tar
+(data/layout.py). Tasks carry it as a StoredObject base model, leases hand it out as a
+presigned GET with its sha256, and workers and the coordinator's own evaluation cache the
+unpacked folder by that sha256.
 
     s3://bucket/prefix/   every object under the prefix, in the coordinator's own bucket
     /path/to/folder       its regular files, on the coordinator's disk
 
-Once per job: the archive is recorded in the job's record (`State.record_base_model`), so a
-restart does not stage it again. Content-addressed: the same files give the same archive,
-so two jobs on one model store it once (a key already holding the archive's size and
-sha256 is not uploaded again), and a key is never half-written (S3 writes an object whole;
-one whose size or sha256 differs is replaced). Files stream through a temporary archive in
-the coordinator's work folder; nothing is held whole in memory.
+Once per job: the loop records the archive in the job's record when the call returns
+(`record_staged`), so a restart does not stage it again (`to_stage`). Content-addressed: the
+same files give the same archive, so two jobs on one model store it once (a key already
+holding the archive's size and sha256 is not uploaded again), and a key is never
+half-written (S3 writes an object whole; one whose size or sha256 differs is replaced).
+Files stream through a temporary archive in the coordinator's work folder; nothing is held
+whole in memory.
 
 A folder that cannot be staged (missing, no config.json, a symbolic link, an object that
 cannot be read) raises ModelStageError, and the job fails naming base_model; a store that
@@ -68,27 +70,27 @@ class StagedModel:
     files: int
 
 
-def staged_for_job(
-    state: State, store: ObjectStore, job: JobRecord, spec: SweepSpec, work_dir: Path
-) -> StoredObject | None:
-    """The job's staged base model: as recorded, else staged now and recorded (the first
-    record stays); None for a hub id or a built-in model, which workers load by name."""
-    if spec.base_model_kind not in STAGED_KINDS:
+def to_stage(job: JobRecord, spec: SweepSpec) -> str | None:
+    """The base model the job has still to stage: None for a hub id or a built-in model
+    (workers load those by name) and for one staged and recorded already."""
+    if spec.base_model_kind not in STAGED_KINDS or job.staged_model() is not None:
         return None
-    recorded = job.staged_model()
-    if recorded is not None:
-        return recorded
-    staged = stage_model(spec.base_model, store, work_dir=work_dir)
+    return spec.base_model
+
+
+def record_staged(state: State, job_id: str, base_model: str, staged: StagedModel) -> StoredObject:
+    """Record a staged model in the job's record: the first record stays and is answered
+    (another coordinator may have staged it too). Conflict if the job is no longer sharding."""
     log.info(
         "job %s: base model %s staged as %s (%d files, %d bytes, %s)",
-        job.job_id,
-        spec.base_model,
+        job_id,
+        base_model,
         staged.archive.key,
         staged.files,
         staged.archive.bytes,
         "uploaded" if staged.uploaded else "already in the store",
     )
-    kept = state.record_base_model(job.job_id, staged.archive.model_dump_json())
+    kept = state.record_base_model(job_id, staged.archive.model_dump_json())
     return StoredObject.model_validate_json(kept)
 
 

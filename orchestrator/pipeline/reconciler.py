@@ -11,10 +11,12 @@ Job lifecycle (job state in brackets):
     [pending]   -> [sharding]  stage an s3:// or local-folder base model into the store
                                once (modelstage.py; recorded in the job), then shard the
                                dataset into K shards + eval split (sharding.py); a manifest
-                               already in the store is reused
+                               already in the store is reused. Both run as one call on the
+                               pool (sharding_step.py), submitted once and polled by later
+                               passes, which meanwhile go on advancing the other jobs
     [running]   ask Optuna for trials up to max_concurrent_trials (study.py); per trial:
                   round r tasks queued (rounds.py)  -> workers lease, train, complete
-                  all K accepted -> merge + evaluate as a Ray task (merging.py)
+                  all K accepted -> merge + evaluate as a Ray task (roundmerge.py)
                   -> record_merge, report the eval loss to Optuna, record_round
                   -> last round: trial complete; else the pruner decides: pruned, or
                      round r+1 queued from the merged adapter
@@ -23,7 +25,9 @@ Job lifecycle (job state in brackets):
                 card and results.json (results.py) -> [succeeded] (or [failed]: no trial
                 completed)
 
-Crash points and why nothing is lost or repeated: an Optuna trial asked but not recorded is
+Crash points and why nothing is lost or repeated: a job's staging and sharding in flight is
+submitted again (a recorded staged model is kept, a manifest in the store reused, and a late
+result only moves a job still `sharding`); an Optuna trial asked but not recorded is
 adopted (`JobStudy.orphans`); a round's tasks are enqueued by id (`<job>.t<t>.r<r>.s<k>`,
 enqueue is a no-op for an existing id); a merge is claimed (`claim_merge`), its outputs
 are found in the store by a rerun, and `record_merge`/`record_round` keep the first value;

@@ -1,11 +1,12 @@
 """The reconciler's steps: given a job's state in Redis, take the next step (idempotently).
 
 orchestrator/pipeline/reconciler.py runs the loop and explains the lifecycle and the crash points;
-this module holds the steps themselves: stage the base model and shard, ask trials, advance
-each trial round by round (queue tasks, verify volunteers' results (pipeline/verification.py),
-merge and evaluate, report, prune or go on), tell Optuna, export. `JobContext` caches what
-is derived from Redis (the spec, the staged base model, the manifest, the study) and the
-handles of work in flight on the pool; losing it (a restart) loses nothing.
+this module holds the steps themselves: stage the base model and shard (a call on the pool,
+polled: pipeline/sharding_step.py), ask trials, advance each trial round by round (queue
+tasks, verify volunteers' results (pipeline/verification.py), merge and evaluate, report,
+prune or go on), tell Optuna, export. `JobContext` caches what is derived from Redis (the
+spec, the staged base model, the manifest, the study) and the handles of work in flight on
+the pool (sharding, merges, checks); losing it (a restart) loses nothing.
 """
 
 from __future__ import annotations
@@ -20,11 +21,8 @@ from typing import TYPE_CHECKING, Any
 from cotune.orchestrator.control.intake import adapter_config
 from cotune.orchestrator.control.queue import Queue
 from cotune.orchestrator.control.records import JobRecord, StoredObject, TaskRecord, TrialRecord
-from cotune.orchestrator.data.layout import base_eval_key, data_key, manifest_key, merged_prefix
+from cotune.orchestrator.data.layout import base_eval_key, data_key, merged_prefix
 from cotune.orchestrator.data.manifest import Manifest, ManifestError
-from cotune.orchestrator.data.sharding import ShardingError
-from cotune.orchestrator.data.shardstore import shard_to_store
-from cotune.orchestrator.pipeline.modelstage import ModelStageError, staged_for_job
 from cotune.orchestrator.pipeline.results import export_best
 from cotune.orchestrator.pipeline.roundmerge import (
     EvalSetup,
@@ -35,6 +33,7 @@ from cotune.orchestrator.pipeline.roundmerge import (
     evaluate_base,
 )
 from cotune.orchestrator.pipeline.rounds import round_tasks, start_adapter
+from cotune.orchestrator.pipeline.sharding_step import ShardingStep
 from cotune.orchestrator.pipeline.study import JobStudy, max_concurrent
 from cotune.orchestrator.pipeline.upload_checks import check_fields
 from cotune.orchestrator.pipeline.verification import RoundView, Verification, VerifyMemory
@@ -62,6 +61,7 @@ class JobContext:
     job_id: str
     spec: SweepSpec | None = None
     base_archive: StoredObject | None = None  # a staged base model (pipeline/modelstage.py)
+    sharding: Any = None  # staging + sharding in flight (pipeline/sharding_step.py)
     manifest: Manifest | None = None
     study: JobStudy | None = None
     trial_specs: dict[int, SweepSpec] = field(default_factory=dict)
@@ -72,6 +72,7 @@ class JobContext:
     verify: VerifyMemory = field(default_factory=VerifyMemory)
 
     def close(self) -> None:
+        self.sharding = None  # a late result is dropped with it
         self.merges.clear()
         self.verify.clear()
 
@@ -100,6 +101,7 @@ class JobSteps:
             secret_key=settings.s3_secret_key,
             region=settings.s3_region,
         )
+        self.sharding = ShardingStep(state, pool, self.store_config, work_dir)
         self.verification = Verification(
             state, store, pool, self.store_config, work_dir, max_strikes=settings.max_strikes
         )
@@ -127,36 +129,20 @@ class JobSteps:
         """Tasks queued or leased, over every job: what cluster workers could take."""
         return sum(Queue(self.state).depths().values()) + self.state.leased_count()
 
-    # --- sharding -----------------------------------------------------------------------
+    # --- sharding (off the loop) --------------------------------------------------------
 
     def _shard(self, job: JobRecord, ctx: JobContext) -> None:
+        """Off the loop (sharding_step.py): submit once, then poll on every pass."""
         assert ctx.spec is not None
-        spec = ctx.spec
-        key = manifest_key(job.job_id)
-        try:
-            ctx.base_archive = staged_for_job(self.state, self.store, job, spec, self.work_dir)
-            if self.store.exists(key):  # sharded before a restart: the upload is whole
-                manifest = Manifest.from_json(self.store.get_bytes(key), origin=key)
-            else:
-                manifest = shard_to_store(
-                    spec.dataset.path,
-                    store=self.store,
-                    job_id=job.job_id,
-                    fmt=spec.dataset.format,
-                    shards=spec.dataset.shards,
-                    eval_split=spec.dataset.eval_split,
-                    seed=spec.dataset.seed,
-                    max_bad_rows=spec.dataset.max_bad_rows,
-                )
-        except ModelStageError as exc:
-            self._fail_job(job, f"base_model {spec.base_model}: {exc}", expect="sharding")
-            return
-        except (ShardingError, ManifestError) as exc:
-            self._fail_job(job, f"sharding {spec.dataset.path}: {exc}", expect="sharding")
-            return
-        self.state.transition_job(
-            job.job_id, "running", expect=["sharding"], manifest_json=manifest.to_json()
-        )
+        if ctx.sharding is None:  # a restart (a new context) submits again: it is idempotent
+            ctx.sharding = self.sharding.submit(job, ctx.spec)
+        done, outcome, error = self.pool.poll(ctx.sharding)
+        if not done:
+            return  # the pass goes on with the other jobs
+        ctx.sharding = None  # an error raised below is submitted again by the next pass
+        reason = self.sharding.finish(job, ctx.spec, outcome, error)
+        if reason is not None:
+            self._fail_job(job, reason, expect="sharding")
 
     # --- running ------------------------------------------------------------------------
 

@@ -4,7 +4,10 @@ The coordinator connects to the Ray cluster at RAY_ADDRESS, or starts a local on
 resources logical: enough CPUs for the local workers plus the merges). On it:
 
 - merge + evaluate of a round (`submit_merge`) and other trusted calls (`submit_call`, the
-  base model's evaluation) run as Ray tasks, on a GPU where the cluster has one;
+  base model's evaluation) run as Ray tasks, on a GPU where the cluster has one; calls that
+  need no GPU (`submit_cpu_call`: staging and sharding a job's inputs) as Ray tasks on one
+  CPU, so they never wait for a GPU. With a local Ray they run on the coordinator's machine
+  and read its disk; on a cluster reached as a Ray client they run on a cluster node;
 - cluster worker agents run as Ray actors, each asking for one GPU (or one CPU in CPU
   mode), so Ray places them and an autoscaler sees the demand. An actor runs the same
   `cotune worker` a volunteer runs, as a subprocess tied to the actor's life, enrolled with
@@ -147,8 +150,9 @@ class RayPool:
 
     # --- trusted work ---------------------------------------------------------------------
 
-    def _options(self) -> dict[str, Any]:
-        return {"num_cpus": 1, "num_gpus": 1 if self.gpus >= 1 else 0, "max_retries": 1}
+    def _options(self, *, gpu: bool = True) -> dict[str, Any]:
+        gpus = 1 if gpu and self.gpus >= 1 else 0
+        return {"num_cpus": 1, "num_gpus": gpus, "max_retries": 1}
 
     def submit_merge(self, request: MergeRequest) -> Any:
         import ray
@@ -160,6 +164,11 @@ class RayPool:
         import ray
 
         return ray.remote(fn).options(**self._options()).remote(*args)
+
+    def submit_cpu_call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        import ray
+
+        return ray.remote(fn).options(**self._options(gpu=False)).remote(*args)
 
     def poll(self, handle: Any) -> tuple[bool, Any, BaseException | None]:
         """(done, value, error) of submitted work, without waiting."""

@@ -11,7 +11,12 @@ from typing import Any
 import pytest
 from cotune.orchestrator.control.state import State
 from cotune.orchestrator.data.objectstore import ObjectStore
-from cotune.orchestrator.pipeline.modelstage import ModelStageError, stage_model, staged_for_job
+from cotune.orchestrator.pipeline.modelstage import (
+    ModelStageError,
+    record_staged,
+    stage_model,
+    to_stage,
+)
 from cotune.orchestrator.protocol.problems import Conflict, NotFound
 from cotune.orchestrator.protocol.spec import parse_spec
 
@@ -131,13 +136,14 @@ def test_a_job_stages_once_and_keeps_the_first_record(
     state.create_job("staged-1", spec.name, spec.to_yaml())
     state.transition_job("staged-1", "sharding", expect=["pending"])
     job = state.get_job("staged-1")
-    staged = staged_for_job(state, object_store, job, spec, tmp_path)
-    assert staged is not None and state.get_job("staged-1").staged_model() == staged
+    assert to_stage(job, spec) == url
+    done = stage_model(url, object_store, work_dir=tmp_path)  # on the pool, off the loop
+    staged = record_staged(state, "staged-1", url, done)  # by the loop, when it returns
+    assert staged == done.archive and state.get_job("staged-1").staged_model() == staged
     [event] = [e for e in state.events.read("staged-1") if e.kind == "base_model_staged"]
     assert event.data == {"key": staged.key, "sha256": staged.sha256, "bytes": staged.bytes}
-    # A restart finds the record: the source is not read again (it is gone now).
-    object_store.delete_prefix("uploads/")
-    assert staged_for_job(state, object_store, state.get_job("staged-1"), spec, tmp_path) == staged
+    # A restart finds the record: nothing is left to stage.
+    assert to_stage(state.get_job("staged-1"), spec) is None
     # A second record (another coordinator staged it too) keeps the first.
     other = staged.model_copy(update={"bytes": 1})
     assert state.record_base_model("staged-1", other.model_dump_json()) == staged.model_dump_json()
@@ -149,4 +155,4 @@ def test_a_job_stages_once_and_keeps_the_first_record(
         state.record_base_model("staged-3", staged.model_dump_json())
     # Hub ids and built-ins are not staged.
     builtin = spec.model_copy(update={"base_model": "cotune://tiny-llama"})
-    assert staged_for_job(state, object_store, job, builtin, tmp_path) is None
+    assert to_stage(job, builtin) is None

@@ -21,9 +21,8 @@ from cotune.orchestrator.control.state import State
 from cotune.orchestrator.control.tiers import CPU_TIER
 from cotune.orchestrator.control.tokens import JoinTokens
 from cotune.orchestrator.control.workers import Workers
-from cotune.orchestrator.pipeline.reconciler import LoopTimes, Reconciler
+from cotune.orchestrator.pipeline.reconciler import Reconciler
 from cotune.orchestrator.pipeline.study import JobStudy
-from cotune.orchestrator.protocol.spec import parse_spec
 from cotune.orchestrator.protocol.task import TrainTask, seed_for
 from cotune.orchestrator.protocol.wire import (
     ADAPTER_FILES,
@@ -33,7 +32,8 @@ from cotune.orchestrator.protocol.wire import (
     FailRequest,
     Hardware,
 )
-from cotune.orchestrator.settings import Settings
+
+from tests.integration.reconciler_kit import NoPool, loop_setup, make_spec, reconciler, submit
 
 pytestmark = pytest.mark.integration
 
@@ -47,67 +47,8 @@ def setup(
     object_store: Any,
     synthetic_jsonl: Any,
 ) -> dict[str, Any]:
-    settings = Settings(
-        home=tmp_path / "home",
-        redis_url=redis_server,
-        s3_endpoint=s3_server.endpoint,
-        s3_bucket=object_store.bucket,
-        s3_access_key=s3_server.access_key,
-        s3_secret_key=s3_server.secret_key,
-        max_attempts=2,
-    )
-    return {
-        "settings": settings,
-        "state": State(redis_client),
-        "store": object_store,
-        "data": synthetic_jsonl("alpaca", 120, seed=1),
-    }
-
-
-def make_spec(data: Path, **search: Any) -> Any:
-    return parse_spec(
-        {
-            "name": "recon",
-            "base_model": "cotune://tiny-llama",
-            "dataset": {"path": str(data), "format": "alpaca", "shards": 2, "eval_split": 0.2},
-            "training": {"max_steps": 4, "sequence_len": 64, "learning_rate": [1e-3, 3e-3]},
-            "lora": {"lora_r": 4, "lora_alpha": 8},
-            "rounds": 2,
-            "search": {"method": "random", "n_trials": 2, "max_concurrent_trials": 2, **search},
-        }
-    )
-
-
-class NoPool:
-    """A pool for the passes that never merge: it refuses anything submitted to it."""
-
-    def submit_merge(self, request: Any) -> Any:
-        raise AssertionError("no merge expected in this test")
-
-    def submit_call(self, fn: Any, *args: Any) -> Any:
-        return "base-eval"  # the base model's evaluation is started, never awaited here
-
-    def poll(self, handle: Any) -> tuple[bool, Any, BaseException | None]:
-        return False, None, None
-
-    def follow_queue(self, demand: int) -> None:
-        self.demand = demand
-
-
-def reconciler(setup: dict[str, Any], pool: Any, identity: str = "test-a") -> Reconciler:
-    return Reconciler(
-        setup["state"],
-        setup["store"],
-        setup["settings"],
-        pool,
-        identity=identity,
-        times=LoopTimes(interval_s=0.05),
-    )
-
-
-def submit(setup: dict[str, Any], spec: Any, job_id: str = "recon-1") -> str:
-    setup["state"].create_job(job_id, spec.name, spec.to_yaml())
-    return job_id
+    kit = loop_setup(tmp_path, redis_client, redis_server, s3_server, object_store)
+    return {**kit, "data": synthetic_jsonl("alpaca", 120, seed=1)}
 
 
 def snapshot(state: State, job_id: str) -> Any:

@@ -89,7 +89,7 @@ def test_a_duplicate_goes_to_another_owner_and_a_third_run_breaks_a_disagreement
     sybil_1, sybil_2 = (Volunteer(state, store, settings, "mallory") for _ in range(2))
     alice = Volunteer(state, store, settings, "alice")
     bob = Volunteer(state, store, settings, "bob")
-    loop.run(once=True)
+    drive(loop, state, lambda: state.get_job(JOB).state == "running", "sharding")
     original, dup1, dup2 = (
         task_id_for(JOB, 0, 0, 0),
         *(duplicate_id(task_id_for(JOB, 0, 0, 0), k) for k in (1, 2)),

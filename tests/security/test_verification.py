@@ -81,7 +81,7 @@ def test_bad_results_are_rejected_before_the_merge_and_the_honest_job_completes(
     loop = reconciler(state, store, settings, RayPool.connect(None))
     people = {n: Volunteer(state, store, settings, n) for n in ("alice", "bob", "carol")}
     mallory = Volunteer(state, store, settings, "mallory")
-    loop.run(once=True)
+    drive(loop, state, lambda: state.get_job(JOB).state == "running", "sharding")
     s = [task_id_for(JOB, 0, 0, k) for k in range(3)]
 
     # --- round 0 ---------------------------------------------------------------------------
@@ -166,7 +166,7 @@ def test_the_start_adapter_sent_back_and_one_adapter_for_two_tasks_are_rejected(
     loop = reconciler(state, store, settings, RayPool.connect(None))
     alice, bob, dave = (Volunteer(state, store, settings, n) for n in ("alice", "bob", "dave"))
     eves = [Volunteer(state, store, settings, "eve") for _ in range(2)]  # one owner
-    loop.run(once=True)
+    drive(loop, state, lambda: state.get_job(JOB).state == "running", "sharding")
     for who in (alice, bob):
         lease = who.must_take()
         who.complete(lease, adversary.honest(lease.task, int(lease.task_id[-1])))
