@@ -118,6 +118,14 @@ class ObjectStore:
         }
         self._attempts = max_attempts
         self._budget_s = retry_budget_s
+        # Static keys: presigned on the hot path without botocore (presign.py says why).
+        self._signer = (
+            presign.SigV4Presigner(
+                self._client.meta.endpoint_url, bucket, access_key, secret_key, region
+            )
+            if access_key and secret_key
+            else None
+        )
 
     @classmethod
     def from_settings(cls, settings: Settings, **options: Any) -> ObjectStore:
@@ -367,13 +375,15 @@ class ObjectStore:
 
     def presign_get(self, key: str, expires_s: int) -> str:
         """A URL that GETs this object without credentials until it expires."""
-        return presign.presign_get(self._client, self.bucket, key, expires_s)
+        return presign.presign_get(self._client, self.bucket, key, expires_s, self._signer)
 
     def presign_post(
         self, key: str, max_bytes: int, expires_s: int, min_bytes: int = 0
     ) -> PresignedPost:
         """A POST upload for exactly `key`, between min_bytes and max_bytes, until it expires."""
-        return presign.presign_post(self._client, self.bucket, key, max_bytes, expires_s, min_bytes)
+        return presign.presign_post(
+            self._client, self.bucket, key, max_bytes, expires_s, min_bytes, self._signer
+        )
 
     # -- internals -------------------------------------------------------------------------
 
