@@ -4,12 +4,12 @@ are rate limited: api/limits.py). Both are bearer tokens."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated
 
 from cotune.orchestrator.api.context import ApiContext
-from cotune.orchestrator.api.limits import check_rate
+from cotune.orchestrator.api.limits import rate, refuse_if_limited
 from cotune.orchestrator.control.tokens import token_matches
-from cotune.orchestrator.control.workers import WorkerRecord
 from cotune.orchestrator.protocol.problems import Unauthorized
 from fastapi import Depends, Path, Request
 
@@ -37,18 +37,26 @@ def require_admin(request: Request) -> None:
         raise Unauthorized("wrong admin token")
 
 
+@dataclass(frozen=True)
+class CallingWorker:
+    """A worker whose token checked out, within its rate limit."""
+
+    worker_id: str
+
+
 def authenticated_worker(
     request: Request, worker_id: Annotated[str, Path(pattern=ID_PATTERN)]
-) -> WorkerRecord:
-    """The calling worker (its token checked and renewed), within its rate limit."""
+) -> CallingWorker:
+    """The calling worker (its token checked and renewed), within its rate limit: one
+    Redis round trip (control/workers.py `authorize`)."""
     context = coordinator(request)
-    worker = context.workers.authenticate(worker_id, bearer(request))
-    check_rate(context, worker.worker_id)
-    return worker
+    wait = context.workers.authorize(worker_id, bearer(request), rate(context))
+    refuse_if_limited(context, worker_id, wait)
+    return CallingWorker(worker_id)
 
 
 Admin = Depends(require_admin)
 CoordinatorDep = Annotated[ApiContext, Depends(coordinator)]
-WorkerDep = Annotated[WorkerRecord, Depends(authenticated_worker)]
+WorkerDep = Annotated[CallingWorker, Depends(authenticated_worker)]
 LeaseId = Annotated[str, Path(pattern=ID_PATTERN)]
 JobId = Annotated[str, Path(pattern=ID_PATTERN)]

@@ -11,8 +11,9 @@ A Content-Length over the limit is refused at once; a body without one (chunked)
 as it arrives and refused when it passes the limit.
 
 Rates: every authenticated worker call takes a token from its worker's bucket
-(control/ratelimit.py, settings `worker_rate_per_s` and `worker_rate_burst`); an empty bucket
-is answered 429 `rate_limited` with Retry-After (api/auth.py calls `check_rate`).
+(lib.lua `take_token`, settings `worker_rate_per_s` and `worker_rate_burst`); an empty bucket
+is answered 429 `rate_limited` with Retry-After (api/auth.py: the token check and the bucket
+are one Redis script, control/workers.py `authorize`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from cotune.orchestrator.api.errors import error_response
-from cotune.orchestrator.control.ratelimit import RateLimiter
 from cotune.orchestrator.protocol.problems import RateLimited
 from cotune.orchestrator.protocol.spec.files import MAX_SPEC_BYTES
 from cotune.orchestrator.protocol.wire import API_PREFIX
@@ -81,15 +81,19 @@ class BodyLimit:
         await self.app(scope, counted, send)
 
 
-def check_rate(context: ApiContext, worker_id: str) -> None:
-    """One call of `worker_id` against its bucket; RateLimited (429) when it is empty."""
-    settings = context.settings
-    limiter = RateLimiter(context.state, settings.worker_rate_per_s, settings.worker_rate_burst)
-    wait = limiter.take(worker_id)
+def rate(context: ApiContext) -> tuple[float, float]:
+    """The worker rate limit of the settings: (calls a second, burst)."""
+    return context.settings.worker_rate_per_s, context.settings.worker_rate_burst
+
+
+def refuse_if_limited(context: ApiContext, worker_id: str, wait: float) -> None:
+    """RateLimited (429) when the worker's bucket said wait (control/workers.py `authorize`
+    took the call from it)."""
     if wait > 0:
+        per_s, burst = rate(context)
         raise RateLimited(
-            f"worker {worker_id} calls too often (over {settings.worker_rate_per_s:g} a second, "
-            f"bursts of {settings.worker_rate_burst:g}); retry in {wait:.1f} s",
+            f"worker {worker_id} calls too often (over {per_s:g} a second, "
+            f"bursts of {burst:g}); retry in {wait:.1f} s",
             retry_after_s=wait,
         )
 

@@ -88,6 +88,7 @@ ADAPTER_MAX_BYTES = 8 << 30  # adapter weights: rank 256 on a 70B model stays we
 SMALL_FILE_MAX_BYTES = 16 * MiB  # adapter_config.json, metrics.json
 GET_EXPIRY_S = 6 * 3600  # long enough to download a staged base model on a slow link
 RETRY_AFTER_S = 2.0
+_GPU_CACHE_SIZE = 100_000
 
 
 class Leases:
@@ -114,6 +115,7 @@ class Leases:
         self.strikes = Strikes(state, max_strikes=settings.max_strikes)
         self.checkpoints = Checkpoints(state, store, self.strikes)
         self.intake = Intake(state, store, self.strikes)
+        self._gpus: dict[str, bool] = {}  # worker id -> has a GPU (`_has_gpus`)
 
     # --- the protocol -----------------------------------------------------------------------
 
@@ -125,12 +127,7 @@ class Leases:
     def offer(self, worker_id: str, capabilities: Capabilities) -> LeaseResponse:
         """The lease answer: the next task that fits this worker, or how long to wait (and
         why, when it is the worker's lease cap rather than an empty queue)."""
-        owner, gpus = self.redis.hmget(self.keys.worker(worker_id), "name", "gpus")
-        if owner is not None and self.redis.sismember(self.keys.quarantined(), owner):
-            raise Forbidden(
-                f"contributor {text(owner)!r} is quarantined: no more work", "worker_id"
-            )
-        tiers = tiers_for(capabilities.memory_bytes, gpu=gpus is None or int(gpus) > 0)
+        tiers = tiers_for(capabilities.memory_bytes, gpu=self._has_gpus(worker_id))
         now = self.clock()
         if not tiers:
             return LeaseResponse(retry_after_s=self.retry_after_s)
@@ -138,17 +135,22 @@ class Leases:
         deadline = now + self.ttl_s
         formats = json.dumps(capabilities.formats)
         got = self.scripts("lease", worker_id, lease_id, now, deadline, formats, *tiers)
-        capped = got is not None and len(got) == 3  # {'capped', held, cap}
-        if got is None or capped:
+        status = text(got[0])
+        if status == "quarantined":
+            raise Forbidden(
+                f"contributor {text(got[1])!r} is quarantined: no more work", "worker_id"
+            )
+        if status != "leased":
             reason = None  # lease.lua counted the worker as alive (lib.lua touch_worker)
-            if capped:
+            if status == "capped":
                 reason = (
                     f"worker {worker_id} holds {int(got[1])} active lease(s), its limit (one "
                     "per GPU, one without a GPU): finish, release or let one expire first"
                 )
             return LeaseResponse(retry_after_s=self.retry_after_s, reason=reason)
-        task = self.state.get_task(text(got[0]))
-        attempt = int(got[1])
+        flat = got[3]
+        task = TaskRecord.from_hash(decode_hash(dict(zip(flat[::2], flat[1::2], strict=True))))
+        attempt = int(got[2])
         try:
             return LeaseResponse(task=self._task_lease(task, lease_id, attempt, deadline, now))
         except Exception:
@@ -156,6 +158,18 @@ class Leases:
             # expire (which would count as a failed attempt).
             self.scripts("give_up", lease_id, self.clock(), "release", "not handed out", "0", "")
             raise
+
+    def _has_gpus(self, worker_id: str) -> bool:
+        """Whether the worker reported a GPU at enrollment (a worker id never enrolled, as
+        in tests, counts as one). Fixed for a worker id's life, so asked once per process."""
+        known = self._gpus.get(worker_id)
+        if known is None:
+            gpus = self.redis.hget(self.keys.worker(worker_id), "gpus")
+            known = gpus is None or int(gpus) > 0
+            if len(self._gpus) >= _GPU_CACHE_SIZE:
+                self._gpus.clear()  # a new epoch: the workers still calling are asked again
+            self._gpus[worker_id] = known
+        return known
 
     def heartbeat(self, worker_id: str, lease_id: str, body: HeartbeatRequest) -> HeartbeatResponse:
         lease = self._own_lease(worker_id, lease_id)
@@ -261,8 +275,10 @@ class Leases:
         if lease.state == ("failed" if kind == "fail" else "released"):
             return  # a retried report
         self._precheck(lease)
-        task = self.state.get_task(lease.task_id)
-        checkpoint = self._checkpoint_args(lease, task, ref, "checkpoint")
+        checkpoint: tuple[object, ...] = ("",)
+        if ref is not None:  # the task is read only to check the checkpoint against it
+            task = self.state.get_task(lease.task_id)
+            checkpoint = self._checkpoint_args(lease, task, ref, "checkpoint")
         answer = self.scripts(
             "give_up", lease_id, self.clock(), kind, reason, "1" if retryable else "0", *checkpoint
         )

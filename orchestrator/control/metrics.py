@@ -306,9 +306,34 @@ OBJECT_STORE_ERRORS = Counter(
     registry=PROCESS,
 )
 BUILD_INFO = Gauge(
-    "cotune_build_info", "The running cotune version.", ("version",), registry=PROCESS
+    "cotune_build_info",
+    "The running cotune version.",
+    ("version",),
+    registry=PROCESS,
+    multiprocess_mode="max",
 )
 prometheus_client.ProcessCollector(registry=PROCESS)  # process_cpu_seconds_total, memory, fds
+
+# Several API processes on one port (COTUNE_API_PROCESSES > 1, runtime/apiserver.py): each
+# is started with PROMETHEUS_MULTIPROC_DIR set, so prometheus-client keeps its values in
+# files there and a scrape, whichever process answers it, reads the sum over all of them.
+MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def process_exposition() -> bytes:
+    """The text of the per-process series: this process's, or the API processes' summed
+    (the `process_*` series are then the answering process's own)."""
+    import os
+
+    if not os.environ.get(MULTIPROCESS_DIR_ENV):
+        return prometheus_client.generate_latest(PROCESS)
+    from prometheus_client import multiprocess
+
+    summed = CollectorRegistry()
+    multiprocess.MultiProcessCollector(summed)
+    own = CollectorRegistry()
+    prometheus_client.ProcessCollector(registry=own)
+    return prometheus_client.generate_latest(summed) + prometheus_client.generate_latest(own)
 
 
 def _version() -> str:

@@ -17,19 +17,18 @@ import logging
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
-import prometheus_client
 from cotune.orchestrator.control.metrics import (
     COUNTERS,
     GAUGE,
     HISTOGRAMS,
     PREFIX,
-    PROCESS,
     TOP_CONTRIBUTORS,
     WORKER_KINDS,
     WORKER_STATES,
     RedisHistogram,
     count_error,
     counter_fields,
+    process_exposition,
 )
 from cotune.orchestrator.control.records import text
 from cotune.orchestrator.control.tiers import TIER_NAMES
@@ -238,7 +237,7 @@ def render(state: Collector) -> bytes:
     running jobs and 1,000 workers (2,000 samples) take 40 ms of Python alone; our label
     names are the fixed identifiers above, so only values need escaping.
     """
-    return _text(state.collect()).encode() + prometheus_client.generate_latest(PROCESS)
+    return _text(state.collect()).encode() + process_exposition()
 
 
 def _text(families: Iterable[Metric]) -> str:

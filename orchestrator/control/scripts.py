@@ -55,7 +55,7 @@ SCRIPT_NAMES = (
     "strike",
     "enroll",
     "revoke_join",
-    "rate_limit",
+    "authorize",
     "verdict",
     "metrics",
 )

@@ -6,7 +6,8 @@ Lua script (control/lua/enroll.lua) that checks the join token (known, unrevoked
 uses left, owner not quarantined), counts its use and records the worker, so a token with
 `max_uses` 5 enrolls exactly 5 workers however many try at once. The worker gets a fresh id
 and token; only the token's sha256 is kept. Every later call authenticates with
-`authenticate` (constant-time comparison of hashes), which also renews the token: a worker
+`authorize` (one Lua script, control/lua/authorize.lua, comparing hashes), which also renews
+the token and takes the call from the worker's rate bucket: a worker
 token expires `token_ttl_s` after its last use (renewed at most once a minute, to spare a
 write per call). The hardware reported at enrollment sets the worker's lease cap
 (`max_leases`: one per GPU, one for a CPU-only worker; enforced in control/lua/lease.lua).
@@ -21,6 +22,8 @@ from __future__ import annotations
 
 import json
 import secrets
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -31,7 +34,6 @@ from cotune.orchestrator.control.tokens import (
     WorkerKind,
     new_token,
     token_hash,
-    token_matches,
 )
 from cotune.orchestrator.protocol.problems import Forbidden, NotFound, Unauthorized
 
@@ -154,27 +156,49 @@ class Workers:
     def authenticate(self, worker_id: str, token: str | None) -> WorkerRecord:
         """The worker whose token this is, its token renewed; Unauthorized (changing
         nothing) for a missing, wrong, revoked or expired token."""
+        self.authorize(worker_id, token)
+        return self.get(worker_id)
+
+    def authorize(
+        self,
+        worker_id: str,
+        token: str | None,
+        rate: tuple[float, float] | None = None,
+        *,
+        rate_clock: Callable[[], float] = time.time,
+    ) -> float:
+        """Check and renew the worker's token and, with `rate` (calls a second, burst),
+        take one call from its bucket (lib.lua `take_token`): one round trip, the API's on
+        every worker call. Unauthorized (changing nothing) as `authenticate`; returns the
+        seconds until the bucket allows a call (0.0: go ahead)."""
         if not token:
             raise Unauthorized("missing bearer token (Authorization: Bearer <worker token>)")
-        wk = self.keys.worker(worker_id)
-        raw = self.redis.hmget(wk, "token_sha256", "token_expires_at", "revoked_at")
-        if raw[0] is None:
-            token_matches(token, "0" * 64)  # same work either way: no timing hint
+        now = self.clock()
+        per_s, burst = rate if rate is not None else ("", "")
+        got = self.scripts(
+            "authorize",
+            worker_id,
+            token_hash(token),
+            now,
+            repr(now + self.token_ttl_s),
+            self.token_ttl_s - RENEW_EVERY_S,
+            per_s,
+            burst,
+            rate_clock(),
+        )
+        status = text(got[0])
+        if status == "ok":
+            return float(text(got[1]))
+        if status == "unknown":
             raise Unauthorized(f"unknown worker {worker_id!r}; enroll again", "worker_id")
-        if not token_matches(token, text(raw[0])):
+        if status == "wrong":
             raise Unauthorized(f"wrong token for worker {worker_id}")
-        if raw[2]:
+        if status == "revoked":
             raise Unauthorized(
-                f"worker token revoked (its join token was revoked at {_when(text(raw[2]))}); "
+                f"worker token revoked (its join token was revoked at {_when(text(got[1]))}); "
                 "ask the operator for a new join token"
             )
-        now = self.clock()
-        expires = float(text(raw[1])) if raw[1] else None
-        if expires is not None and expires < now:
-            raise Unauthorized("worker token expired; enroll again")
-        if expires is None or expires - now < self.token_ttl_s - RENEW_EVERY_S:
-            self.redis.hset(wk, "token_expires_at", repr(now + self.token_ttl_s))
-        return self.get(worker_id)
+        raise Unauthorized("worker token expired; enroll again")
 
     def revoke_join_token(self, name_or_hash: str) -> Revocation:
         """Revoke every join token of that name (or the one with that sha256) and every

@@ -51,8 +51,8 @@ def snapshot(redis: Any, prefix: str = PREFIX) -> dict[bytes, tuple[str, Any, bo
     order, which Redis's incremental rehashing changes on mere reads (an HGET can move it),
     so equal contents could compare unequal.
 
-    Left out: the rate limiter's buckets (`rate:*`, control/ratelimit.py), which count every
-    call, refused or not, by design.
+    Left out: the rate limiter's buckets (`rate:*`, control/lua/lib.lua `take_token`), which
+    count every authorized call, refused or not, by design.
     """
     values: dict[bytes, tuple[str, Any, bool]] = {}
     rate = (prefix + "rate:").encode()

@@ -1,19 +1,26 @@
 -- Lease the next wanted task, from the first of the tiers that has one.
 -- ARGV: worker, lease_id, now, deadline, formats (JSON list or null), tiers (largest first).
--- Returns {task_id, attempt}; false when no task is there for the worker; {'capped', held,
--- cap} when it holds as many active leases as it may.
+-- Returns {'leased', task_id, attempt, the task's hash as HGETALL gives it} (one round trip
+-- for the API's lease answer), {'none'} when no task is there for the worker, {'capped',
+-- held, cap} when it holds as many active leases as it may, {'quarantined', owner} when
+-- its owner is quarantined (control/strikes.py).
 local worker, lease_id, now, deadline = ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
+local function leased(task_id, attempt)
+  return {'leased', task_id, tonumber(attempt), redis.call('HGETALL', key('task', task_id))}
+end
 -- Run again with the same lease id (a client resending after a dropped connection): the
 -- same answer, and no second task taken (control/state.py `connect` resends).
 local given = redis.call('HMGET', key('lease', lease_id), 'task_id', 'attempt')
-if given[1] then return {given[1], tonumber(given[2])} end
--- A quarantined owner's workers get no work (control/strikes.py; the API refuses first).
+if given[1] then return leased(given[1], given[2]) end
+-- A quarantined owner's workers get no work.
 local owner = redis.call('HGET', key('worker', worker), 'name')
-if owner and redis.call('SISMEMBER', key('quarantined'), owner) == 1 then return false end
+if owner and redis.call('SISMEMBER', key('quarantined'), owner) == 1 then
+  return {'quarantined', owner}
+end
 -- A revoked worker token gets no work either (control/workers.py refuses it first).
 local wk = key('worker', worker)
 local w = redis.call('HMGET', wk, 'revoked_at', 'max_leases', 'kind')
-if w[1] and w[1] ~= '' then return false end
+if w[1] and w[1] ~= '' then return {'none'} end
 local kind = w[3] or ''  -- '' for a worker id never enrolled (tests)
 -- An enrolled worker asking for work is alive, whatever the answer (lib.lua touch_worker).
 local function alive()
@@ -114,7 +121,7 @@ for i = 7, #ARGV do
         touch_worker(worker, now)
         emit(job, 'task_leased', {task_id = task_id, attempt = attempt, worker_id = worker}, now)
         put_back()
-        return {task_id, attempt}
+        return leased(task_id, attempt)
       else
         cancel_task(task_id, 'its job or trial is over', now)
       end
@@ -123,4 +130,4 @@ for i = 7, #ARGV do
 end
 put_back()
 alive()
-return false
+return {'none'}

@@ -297,3 +297,23 @@ local function drop_checkpoint(tk, attempt)
     redis.call('HDEL', tk, 'checkpoint_json', 'checkpoint_step')
   end
 end
+
+-- One call of a worker against its token bucket: `rate` calls a second on average, bursts
+-- of up to `burst`. The bucket is refilled by the time passed since its last call and
+-- forgotten once it would be full again; its clock is real time (not the state's clock,
+-- which tests move by hand). The defaults (settings.py: 20 a second, bursts of 60) are far
+-- above an honest worker's needs, so only a flood is slowed; the buckets live in Redis, so
+-- every API process counts against the same one. Returns 0 when the call may go ahead,
+-- else the seconds until one may (authorize.lua; the API answers 429 with Retry-After).
+local function take_token(worker, rate, burst, now)
+  local bk = key('rate', worker)
+  local b = redis.call('HMGET', bk, 'tokens', 'at')
+  local tokens = tonumber(b[1]) or burst
+  local at = tonumber(b[2]) or now
+  tokens = math.min(burst, tokens + math.max(now - at, 0) * rate)
+  local wait = 0
+  if tokens >= 1 then tokens = tokens - 1 else wait = (1 - tokens) / rate end
+  redis.call('HSET', bk, 'tokens', tostring(tokens), 'at', tostring(now))
+  redis.call('PEXPIRE', bk, math.ceil(burst / rate * 1000) + 1000)
+  return wait
+end
