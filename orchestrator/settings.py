@@ -71,6 +71,9 @@ class Settings:
     ray_gpus: float | None = None
     api_host: str = "127.0.0.1"
     api_port: int = 8470
+    # HTTP server processes of the API (COTUNE_API_PROCESSES), sharing its port beside the
+    # one reconciler: 1 serves it on a thread of the coordinator (runtime/apiserver.py).
+    api_processes: int = 1
     admin_token: str | None = None
     # A standing volunteer join token (COTUNE_JOIN_TOKEN), registered at start if new: a
     # deployment's Secret can hand volunteers one without `cotune token create --join`.
@@ -134,6 +137,7 @@ class Settings:
             ray_gpus=_optional_positive("RAY_GPUS", _env(ENV_PREFIX + "RAY_GPUS")),
             api_host=_env(ENV_PREFIX + "API_HOST", "127.0.0.1") or "127.0.0.1",
             api_port=_port(_env(ENV_PREFIX + "API_PORT", "8470")),
+            api_processes=int(_positive("API_PROCESSES", _env(ENV_PREFIX + "API_PROCESSES"), 1)),
             admin_token=_secret("ADMIN_TOKEN"),
             join_token=_secret("JOIN_TOKEN"),
             agent_url=_env(ENV_PREFIX + "AGENT_URL"),
@@ -191,6 +195,6 @@ def _positive(name: str, raw: str | None, default: float) -> float:
         raise ValueError(f"{ENV_PREFIX}{name} must be a number, got {raw!r}") from None
     if not value > 0:
         raise ValueError(f"{ENV_PREFIX}{name} must be > 0, got {raw!r}")
-    if name == "MAX_ATTEMPTS" and value != int(value):
+    if name in ("MAX_ATTEMPTS", "API_PROCESSES") and value != int(value):
         raise ValueError(f"{ENV_PREFIX}{name} must be a whole number, got {raw!r}")
     return value

@@ -52,9 +52,15 @@ async def _reclaim_forever(coordinator: ApiContext) -> None:
         await asyncio.sleep(coordinator.reclaim_interval_s)
 
 
-def create_app(coordinator: ApiContext) -> FastAPI:
+def create_app(coordinator: ApiContext, *, reclaim: bool = True) -> FastAPI:
+    """The app; `reclaim` False leaves the lease reclaimer out (the second and later of
+    several API processes: one is enough, and the reconciler reclaims too)."""
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if not reclaim:
+            yield
+            return
         reclaimer = asyncio.create_task(_reclaim_forever(coordinator))
         try:
             yield

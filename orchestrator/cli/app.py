@@ -103,6 +103,32 @@ def coordinator(home: Path | None = HomeOption, workers: int | None = WorkersOpt
 
 
 @app.command()
+def api(
+    home: Path | None = HomeOption,
+    processes: int = typer.Option(
+        None,
+        "--processes",
+        min=1,
+        help="Server processes sharing the port [default: $COTUNE_API_PROCESSES, or 1].",
+    ),
+    host: str | None = typer.Option(None, "--host", help="[default: $COTUNE_API_HOST]"),
+    port: int | None = typer.Option(
+        None, "--port", min=0, max=65535, help="[default: $COTUNE_API_PORT; 0: a free one]"
+    ),
+) -> None:
+    """Run the HTTP API alone (no reconciler) against external Redis and S3: more API
+    capacity beside a `cotune coordinator`, as several processes on one port.
+
+    Example: COTUNE_REDIS_URL=redis://... COTUNE_S3_ENDPOINT=https://... cotune api --processes 4
+    """
+    from cotune.orchestrator.runtime.apiserver import run_api
+    from cotune.orchestrator.settings import Settings
+
+    settings = Settings.from_env(home=home)
+    raise typer.Exit(run_api(settings, processes or settings.api_processes, host, port))
+
+
+@app.command()
 def run(
     spec: Path = typer.Argument(..., help="Sweep spec (YAML)."),
     out: Path = typer.Option(Path("out"), "--out", help="Folder that receives the results."),

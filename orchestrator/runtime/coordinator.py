@@ -3,7 +3,8 @@
 `CoordinatorService` starts them in dependency order against the configured Redis and S3
 (the embedded stack's or external ones) and stops them in reverse:
 
-    start: Ray (connect or local) -> API (uvicorn thread, writes <home>/api.json)
+    start: Ray (connect or local) -> API (uvicorn thread, or COTUNE_API_PROCESSES server
+           processes on one port; writes <home>/api.json)
            -> a "cluster" join token for the workers it launches -> reconciler thread
     stop:  reconciler -> local workers (they give their leases back) -> API -> Ray
 
@@ -74,7 +75,7 @@ class CoordinatorService:
         import ray
         from cotune.orchestrator.api import ApiContext
         from cotune.orchestrator.pipeline.reconciler import LoopTimes, Reconciler
-        from cotune.orchestrator.runtime.apiserver import serve_api
+        from cotune.orchestrator.runtime.apiserver import ApiProcesses, serve_api
         from cotune.orchestrator.runtime.raypool import AgentLaunch, RayPool
 
         try:
@@ -91,7 +92,10 @@ class CoordinatorService:
                 self.settings.join_token, STANDING_JOIN_TOKEN_NAME
             ):
                 log.info("registered the standing join token %r", STANDING_JOIN_TOKEN_NAME)
-            self.api = serve_api(self.api_context, port=self.api_port)
+            if self.settings.api_processes > 1:  # beside this process's reconciler
+                self.api = ApiProcesses(self.settings, port=self.api_port).start()
+            else:
+                self.api = serve_api(self.api_context, port=self.api_port)
             state = self.api_context.state
             max_agents = self.workers if self.workers is not None else max(int(self.pool.gpus), 1)
             if max_agents > 0:

@@ -23,6 +23,7 @@ VARIABLES = {
     "COTUNE_JOIN_TOKEN": "join-token-of-a-deployment-secret-0123456789",
     "COTUNE_AGENT_URL": "http://coordinator.cotune.svc:8470",
     "COTUNE_RAY_GPUS": "16",
+    "COTUNE_API_PROCESSES": "4",
 }
 
 
@@ -63,6 +64,7 @@ def test_every_variable_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
         join_token="join-token-of-a-deployment-secret-0123456789",
         agent_url="http://coordinator.cotune.svc:8470",
         ray_gpus=16.0,
+        api_processes=4,
     )
     assert not settings.embedded
 
@@ -181,4 +183,20 @@ def test_the_redis_password_goes_into_the_url(
 def test_ray_gpus_must_be_positive(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COTUNE_RAY_GPUS", "0")
     with pytest.raises(ValueError, match="COTUNE_RAY_GPUS must be > 0"):
+        Settings.from_env()
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ("0", "COTUNE_API_PROCESSES must be > 0"),
+        ("2.5", "COTUNE_API_PROCESSES must be a whole number"),
+        ("many", "COTUNE_API_PROCESSES must be a number"),
+    ],
+)
+def test_api_processes_must_be_a_whole_positive_number(
+    monkeypatch: pytest.MonkeyPatch, raw: str, message: str
+) -> None:
+    monkeypatch.setenv("COTUNE_API_PROCESSES", raw)
+    with pytest.raises(ValueError, match=message):
         Settings.from_env()
