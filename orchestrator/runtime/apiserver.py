@@ -101,6 +101,9 @@ def serve_api(
         log_level=log_level,
         lifespan="on",
         timeout_graceful_shutdown=2,
+        # A worker's connection stays open between its heartbeats (uvicorn's default of 5 s
+        # made every beat a new TCP connection).
+        timeout_keep_alive=keep_alive_s(settings),
     )
     server = uvicorn.Server(config)
     try:
@@ -122,6 +125,11 @@ def serve_api(
     url = _url(host, port)
     api_file = _write_api_file(settings.home, url) if write_api_file else None
     return ApiServer(url, host, port, api_file, server, thread)
+
+
+def keep_alive_s(settings: Settings) -> int:
+    """How long an idle keep-alive connection stays open: past two heartbeat intervals."""
+    return int(max(2 * settings.heartbeat_interval_s + 5, 30))
 
 
 def listen_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:

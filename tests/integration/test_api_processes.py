@@ -104,3 +104,38 @@ def test_cotune_api_without_external_services_says_what_is_missing(tmp_path: Pat
     assert done.returncode == 2
     assert "cotune api needs COTUNE_REDIS_URL and COTUNE_S3_ENDPOINT" in done.stdout
     assert not (tmp_path / "api").exists()  # nothing started, nothing written
+
+
+def test_a_workers_connection_outlives_the_pause_between_its_heartbeats(
+    tmp_path: Path, redis_server: str, s3_server: Any
+) -> None:
+    """uvicorn's default closed an idle keep-alive connection after 5 s, so every heartbeat
+    (10 s apart by default) opened a new one; the API keeps it past two intervals."""
+    import dataclasses
+    import socket
+    import time
+
+    settings = dataclasses.replace(
+        _settings(tmp_path, redis_server, s3_server), heartbeat_interval_s=10.0, api_processes=1
+    )
+    servers = ApiProcesses(settings, port=0).start()
+    request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+
+    def answer(conn: socket.socket) -> bytes:
+        got = b""
+        while not got.endswith(b'{"ok":true}'):
+            chunk = conn.recv(4096)
+            if not chunk:
+                return got  # closed by the server
+            got += chunk
+        return got
+
+    try:
+        with socket.create_connection(("127.0.0.1", servers.port), timeout=10) as conn:
+            conn.sendall(request)
+            assert b"200 OK" in answer(conn)
+            time.sleep(7)  # past uvicorn's default of 5 s
+            conn.sendall(request)
+            assert b"200 OK" in answer(conn), "the server closed the idle connection"
+    finally:
+        servers.stop()
