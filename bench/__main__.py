@@ -1,8 +1,10 @@
 """Benchmark runner: `python -m bench [name ...] [--flag ...]`.
 
 Runs every module `bench/<name>.py` that exposes `main(argv) -> int` (all of them when no
-name is given), in name order, passing the `--flags` through to each. Exits non-zero when a
-benchmark fails or misses its target.
+name is given), in name order, passing the `--flags` through to each, then (for a full run
+of them all) rewrites the summary table of docs/benchmarks.md from bench/out/*.json
+(bench/_summary.py). Exits non-zero
+when a benchmark fails or misses its target.
 """
 
 from __future__ import annotations
@@ -49,6 +51,11 @@ def run(argv: list[str]) -> int:
         print(f"== bench {name}: exit {code} after {time.perf_counter() - start:.0f} s", flush=True)
         if code:
             failed.append(name)
+    from bench._summary import DOC, regenerate
+
+    # The table holds whole runs' figures: one benchmark or a --quick run leaves it alone.
+    if not names and "--quick" not in flags and regenerate(command="make bench"):
+        print(f"== summary table rewritten in {DOC}", flush=True)
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
