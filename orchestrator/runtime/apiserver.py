@@ -169,7 +169,8 @@ READY_LINE = "cotune api process ready"
 
 def child_env(settings: Settings, admin_token: str) -> dict[str, str]:
     """The environment that gives a child process these settings (Settings.from_env reads
-    it back): the child of an embedded stack has no COTUNE_* of its own."""
+    it back): the child of an embedded stack has no COTUNE_* of its own. It is the child's
+    alone (readable by this user only, like the files the secrets came from)."""
     values: dict[str, object | None] = {
         "HOME": settings.home,
         "REDIS_URL": settings.redis_url,
@@ -188,13 +189,11 @@ def child_env(settings: Settings, admin_token: str) -> dict[str, str]:
         "WORKER_RATE_BURST": settings.worker_rate_burst,
         "MAX_STRIKES": settings.max_strikes,
     }
+    # Resolved values only: a secret read from a file (COTUNE_*_FILE) is passed as its value,
+    # since COTUNE_REDIS_URL already holds the password COTUNE_REDIS_PASSWORD_FILE gave it.
     env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
-    # A secret given as a file stays a file: the child reads it as this process did.
-    env.update(
-        {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIX) and k.endswith("_FILE")}
-    )
     for name, value in values.items():
-        if value is not None and f"{ENV_PREFIX}{name}_FILE" not in env:
+        if value is not None:
             env[ENV_PREFIX + name] = str(value)
     return env
 

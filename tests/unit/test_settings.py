@@ -200,3 +200,28 @@ def test_api_processes_must_be_a_whole_positive_number(
     monkeypatch.setenv("COTUNE_API_PROCESSES", raw)
     with pytest.raises(ValueError, match=message):
         Settings.from_env()
+
+
+def test_an_api_process_gets_the_same_settings_secrets_from_files_included(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """runtime/apiserver.py child_env: what a child API process reads back is what its
+    parent had, a Redis password from a file included (put into the URL exactly once)."""
+    from cotune.orchestrator.runtime.apiserver import child_env
+
+    (tmp_path / "redis-password").write_text("s3cr3t/+\n")
+    monkeypatch.setenv("COTUNE_REDIS_URL", "redis://redis.internal:6379/0")
+    monkeypatch.setenv("COTUNE_REDIS_PASSWORD_FILE", str(tmp_path / "redis-password"))
+    monkeypatch.setenv("COTUNE_S3_ENDPOINT", "https://s3.example.com")
+    monkeypatch.setenv("COTUNE_WORKER_RATE_PER_S", "7.5")
+    parent = Settings.from_env(home=tmp_path / "home")
+    env = child_env(parent, "the-admin-token")
+    for name in [k for k in os.environ if k.startswith("COTUNE_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        if name.startswith("COTUNE_"):
+            monkeypatch.setenv(name, value)
+    child = Settings.from_env()
+    assert child.redis_url == parent.redis_url and "s3cr3t" in (child.redis_url or "")
+    assert child.worker_rate_per_s == 7.5 and child.home == parent.home
+    assert child.admin_token == "the-admin-token"
