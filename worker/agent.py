@@ -360,10 +360,8 @@ class Agent:
         self, lease: TaskLease, heartbeat: Heartbeat, reason: str, checkpoint: CheckpointRef | None
     ) -> Outcome:
         assert self.worker_id is not None
-        # One last beat (one try): the losses of the steps since the latest beat, the step
-        # the checkpoint is at among them, reach the coordinator before the lease ends.
-        if not heartbeat.lost:
-            heartbeat.beat()
+        # One last beat (one try) delivers the last steps' losses before the lease ends.
+        _ = heartbeat.lost or heartbeat.beat()
         heartbeat.close()  # the lease ends with this report
         if heartbeat.lost:
             return Outcome.LOST

@@ -43,8 +43,9 @@ def _healthz_count(metrics: str) -> float:
 
 
 def test_two_processes_share_the_port_and_their_metrics_add_up(
-    tmp_path: Path, redis_server: str, s3_server: Any
+    tmp_path: Path, redis_server: str, redis_client: Any, s3_server: Any
 ) -> None:
+    # redis_client: the session's Redis emptied first, so no other test's task is queued.
     servers = ApiProcesses(_settings(tmp_path, redis_server, s3_server), port=0).start()
     try:
         assert servers.running and servers.processes == 2
