@@ -88,7 +88,7 @@ def create_app(coordinator: ApiContext, *, reclaim: bool = True) -> FastAPI:
     status_page.mount(app)  # /ui/: the status page's static files (api/status_page.py)
 
     @app.get("/healthz", tags=["health"])
-    def healthz() -> dict[str, bool]:
+    async def healthz() -> dict[str, bool]:
         """The process is up."""
         return {"ok": True}
 

@@ -1,6 +1,10 @@
 """Who may call what: the admin token for jobs, tokens, owners and the worker list; a worker's
 own token for its endpoints (orchestrator/control/workers.py checks and renews it; its calls
-are rate limited: api/limits.py). Both are bearer tokens."""
+are rate limited: api/limits.py). Both are bearer tokens.
+
+The dependencies are `async def`: FastAPI runs a synchronous dependency on its thread pool,
+one hop per dependency per request. Their work is a hash comparison or one Redis round trip,
+cheaper than the hop (routes_workers.py says which routes run on the event loop)."""
 
 from __future__ import annotations
 
@@ -16,9 +20,13 @@ from fastapi import Depends, Path, Request
 ID_PATTERN = r"^[A-Za-z0-9_.\-]{1,128}$"
 
 
-def coordinator(request: Request) -> ApiContext:
+def context_of(request: Request) -> ApiContext:
     found: ApiContext = request.app.state.coordinator
     return found
+
+
+async def coordinator(request: Request) -> ApiContext:
+    return context_of(request)
 
 
 def bearer(request: Request) -> str | None:
@@ -29,11 +37,11 @@ def bearer(request: Request) -> str | None:
     return value.strip()
 
 
-def require_admin(request: Request) -> None:
+async def require_admin(request: Request) -> None:
     token = bearer(request)
     if token is None:
         raise Unauthorized("missing admin token: send Authorization: Bearer <admin token>")
-    if not token_matches(token, coordinator(request).admin_token_sha256):
+    if not token_matches(token, context_of(request).admin_token_sha256):
         raise Unauthorized("wrong admin token")
 
 
@@ -44,12 +52,12 @@ class CallingWorker:
     worker_id: str
 
 
-def authenticated_worker(
+async def authenticated_worker(
     request: Request, worker_id: Annotated[str, Path(pattern=ID_PATTERN)]
 ) -> CallingWorker:
     """The calling worker (its token checked and renewed), within its rate limit: one
     Redis round trip (control/workers.py `authorize`)."""
-    context = coordinator(request)
+    context = context_of(request)
     wait = context.workers.authorize(worker_id, bearer(request), rate(context))
     refuse_if_limited(context, worker_id, wait)
     return CallingWorker(worker_id)

@@ -1,5 +1,13 @@
 """Worker routes: the wire protocol of orchestrator/protocol/wire.py, exactly; plus the
-worker list (admin) and the contributors' leaderboard (public)."""
+worker list (admin) and the contributors' leaderboard (public).
+
+The hot routes (lease, heartbeat, release, fail) are `async def` and do their Redis work on
+the event loop: a few round trips of well under a millisecond each, against a thread-pool
+hop per call for a synchronous route. Whatever reads the object store stays off the loop:
+`complete` (its cheap checks read the upload) is synchronous, so FastAPI runs it on the
+thread pool, and a heartbeat, release or fail that reports a checkpoint (hashed in the
+store before it is recorded: control/checkpoints.py) is handed to the thread pool too.
+"""
 
 from __future__ import annotations
 
@@ -33,6 +41,7 @@ from cotune.orchestrator.protocol.wire import (
     ReleaseRequest,
 )
 from fastapi import APIRouter
+from starlette.concurrency import run_in_threadpool
 
 router = APIRouter(tags=["workers"])
 
@@ -45,17 +54,19 @@ def enroll(body: EnrollRequest, c: CoordinatorDep) -> EnrollResponse:
 
 
 @router.post(LEASE_PATH)
-def lease(body: LeaseRequest, worker: WorkerDep, c: CoordinatorDep) -> LeaseResponse:
+async def lease(body: LeaseRequest, worker: WorkerDep, c: CoordinatorDep) -> LeaseResponse:
     """The next task that fits, or how long to wait before asking again (with the reason
     when the worker already holds as many leases as it may: one per GPU)."""
     return c.leases.offer(worker.worker_id, body.capabilities)
 
 
 @router.post(HEARTBEAT_PATH)
-def heartbeat(
+async def heartbeat(
     lease_id: LeaseId, body: HeartbeatRequest, worker: WorkerDep, c: CoordinatorDep
 ) -> HeartbeatResponse:
     """Progress; renews the deadline and the upload targets; may answer `stop`."""
+    if body.checkpoint is not None:
+        return await run_in_threadpool(c.leases.heartbeat, worker.worker_id, lease_id, body)
     return c.leases.heartbeat(worker.worker_id, lease_id, body)
 
 
@@ -68,16 +79,24 @@ def complete(
 
 
 @router.post(FAIL_PATH)
-def fail(lease_id: LeaseId, body: FailRequest, worker: WorkerDep, c: CoordinatorDep) -> Ack:
+async def fail(lease_id: LeaseId, body: FailRequest, worker: WorkerDep, c: CoordinatorDep) -> Ack:
     """The attempt failed; the task is tried again elsewhere if retryable and attempts remain."""
-    c.leases.fail(worker.worker_id, lease_id, body)
+    if body.checkpoint is not None:
+        await run_in_threadpool(c.leases.fail, worker.worker_id, lease_id, body)
+    else:
+        c.leases.fail(worker.worker_id, lease_id, body)
     return Ack()
 
 
 @router.post(RELEASE_PATH)
-def release(lease_id: LeaseId, body: ReleaseRequest, worker: WorkerDep, c: CoordinatorDep) -> Ack:
+async def release(
+    lease_id: LeaseId, body: ReleaseRequest, worker: WorkerDep, c: CoordinatorDep
+) -> Ack:
     """Give the task back unfinished (with a checkpoint to resume from, ideally)."""
-    c.leases.release(worker.worker_id, lease_id, body)
+    if body.checkpoint is not None:
+        await run_in_threadpool(c.leases.release, worker.worker_id, lease_id, body)
+    else:
+        c.leases.release(worker.worker_id, lease_id, body)
     return Ack()
 
 
