@@ -1,9 +1,15 @@
 """What `complete` checks of a result before taking it in (the cheap checks), what the task's
 adapter must look like, and the credit it is worth.
 
-The cheap checks run on the request path, so they read little: for every artifact the object
-at its issued key must have the claimed size and sha256; of the weights only the safetensors
-header is fetched (two ranged GETs: its length, then the header), checked by
+The cheap checks run on the request path, so they read little: one ranged GET of each
+artifact's first 64 KiB (data/signedread.py: no botocore on this path), which gives its size
+(it must be the claimed one) and, for a file that small (the configs, a small adapter), all of
+it, hashed against the claimed sha256 at once. A larger volunteer file is hashed where it is
+downloaded anyway, by the heavy checks (pipeline/upload_checks.py: a sha256 that differs is
+an issue of the result, with a strike), so nothing is merged or credited unhashed and a
+completion reads a few KB, not the adapter; a trusted cluster worker's result skips the heavy
+checks, so its large files are hashed here. Of the weights the safetensors header is read
+from that prefix (a second ranged GET only for a header past 64 KiB), checked by
 verify/header.py against the tensors the task implies: exactly the expected keys, each of its
 expected shape (rank and modules from the task, the architecture from the base model's
 config.json as the reconciler recorded it on the task, or the built-in model's). The worker's
@@ -17,12 +23,13 @@ round review see the values.
 
     intake = Intake(state, store, strikes)
     judged = intake.judge(task, attempt, worker_id, body)   # outcome, answer, result
-    problems = intake.problems(task, body)    # [] when the result may be taken in
+    problems = intake.problems(task, body, trusted=False)   # [] when it may be taken in
     tokens = task_tokens(train, rows)         # the credit, from the task (and its shard's rows)
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -58,6 +65,8 @@ EXTRA_TENSORS = 16
 #: With no architecture known: at most this many tensors (a 100-layer model, 7 projections).
 UNKNOWN_MAX_TENSORS = 1400
 _SHOWN = 3  # names listed per kind of problem
+#: Read of each artifact at complete: its size, the weights' header, and small files whole.
+PREFIX_BYTES = 64 * 1024
 _FACTOR = re.compile(r"^base_model\.model\..+\.lora_(?P<part>[AB])\.weight$")
 
 
@@ -91,9 +100,9 @@ class Intake:
         self, task: TaskRecord, attempt: int, worker_id: str, body: CompleteRequest
     ) -> Judged:
         """The outcome of a completion whose files are the ones issued to its lease."""
-        problems = self.problems(task, body)
         worker = decode_hash(self.state.redis.hgetall(self.state.keys.worker(worker_id)))
         trusted = worker.get("kind") == "cluster"
+        problems = self.problems(task, body, trusted=trusted)
         train = TrainTask.model_validate_json(task.task_json)
         rows = task_rows(train, task, lambda: self.state.get_job(task.job_id).manifest_json)
         result = TaskResult(
@@ -128,30 +137,40 @@ class Intake:
             except Exception:  # the store's error family: a leftover costs space only
                 log.warning("could not delete the rejected upload %s", ref.key, exc_info=True)
 
-    def problems(self, task: TaskRecord, body: CompleteRequest) -> list[str]:
+    def problems(self, task: TaskRecord, body: CompleteRequest, *, trusted: bool) -> list[str]:
         """What is wrong with an uploaded result, each naming its file; [] if nothing. The
-        caller has checked that every artifact is at a key issued to its lease."""
-        problems = [
-            problem
-            for ref in body.artifacts.values()
-            if (problem := verify_object(self.store, ref.key, ref.sha256, ref.bytes)) is not None
-        ]
+        caller has checked that every artifact is at a key issued to its lease. `trusted`:
+        a cluster worker's result, whose large files are hashed here (module docstring)."""
+        problems, first = [], b""
+        for name, ref in body.artifacts.items():
+            read = self.store.read_prefix(ref.key, PREFIX_BYTES)
+            problem = _read_problem(ref.key, ref.sha256, ref.bytes, read)
+            if problem is None and trusted and ref.bytes > PREFIX_BYTES:
+                problem = verify_object(self.store, ref.key, ref.sha256, ref.bytes)
+            if problem is not None:
+                problems.append(problem)
+            elif name == ADAPTER_WEIGHTS and read is not None:
+                first = read[1]
         if problems:
             return problems
         weights = body.artifacts[ADAPTER_WEIGHTS]
-        issues = self.header_issues(task, weights.key, weights.bytes)
+        issues = self.header_issues(task, weights.key, weights.bytes, first)
         if len(issues) > _SHOWN + 1:
             issues = [*issues[:_SHOWN], f"... and {len(issues) - _SHOWN} more issue(s)"]
         return [f"{ADAPTER_WEIGHTS}: " + "; ".join(issues)] if issues else []
 
-    def header_issues(self, task: TaskRecord, key: str, size: int) -> list[str]:
-        """The weights' header against the task's expected tensors (module docstring)."""
+    def header_issues(self, task: TaskRecord, key: str, size: int, first: bytes) -> list[str]:
+        """The weights' header against the task's expected tensors (module docstring);
+        `first`: the file's first bytes as already read (the rest of a long header is
+        fetched)."""
         expected = expected_for(task)
         rank = int(adapter_config(task)["r"])
-        head = self.store.get_range(key, 0, min(size, 8))
+        head = first[:8]
         length = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
         wanted = min(size, 8 + length) if 0 < length <= MAX_HEADER_BYTES else len(head)
-        data = head + self.store.get_range(key, len(head), wanted - len(head))
+        data = first[:wanted]
+        if wanted > len(data):
+            data += self.store.get_range(key, len(data), wanted - len(data))
         with tempfile.TemporaryDirectory(prefix="cotune-header-") as tmp:
             # The header bytes at their place in a sparse file of the upload's size:
             # parse_header checks the tensors' offsets against the real length, and no
@@ -167,6 +186,20 @@ class Intake:
         if expected is None:
             return _factor_issues(parsed.header, rank)
         return layout_issues(parsed.header, expected)
+
+
+def _read_problem(key: str, sha256: str, size: int, read: tuple[int, bytes] | None) -> str | None:
+    """What the prefix read shows wrong with a claimed file (hashed when read whole)."""
+    if read is None:
+        return f"{key}: nothing was uploaded there"
+    stored, first = read
+    if stored != size:
+        return f"{key}: {stored} bytes stored, {size} claimed"
+    if stored <= len(first):
+        got = hashlib.sha256(first).hexdigest()
+        if got != sha256:
+            return f"{key}: sha256 {got}, {sha256} claimed"
+    return None
 
 
 def layout_issues(header: Header, expected: ExpectedAdapter) -> list[str]:

@@ -39,6 +39,7 @@ from cotune.orchestrator.data.s3errors import (
     translated,
 )
 from cotune.orchestrator.data.s3stream import ResumingReader
+from cotune.orchestrator.data.signedread import SignedReader
 
 if TYPE_CHECKING:
     from cotune.orchestrator.settings import Settings
@@ -118,12 +119,20 @@ class ObjectStore:
         }
         self._attempts = max_attempts
         self._budget_s = retry_budget_s
-        # Static keys: presigned on the hot path without botocore (presign.py says why).
+        # Static keys: presigned on the hot path without botocore (presign.py says why), and
+        # the request path's reads sent over such URLs (signedread.py).
         self._signer = (
             presign.SigV4Presigner(
                 self._client.meta.endpoint_url, bucket, access_key, secret_key, region
             )
             if access_key and secret_key
+            else None
+        )
+        self._reader = (
+            SignedReader(
+                self._signer, connect_timeout_s=connect_timeout_s, read_timeout_s=read_timeout_s
+            )
+            if self._signer is not None
             else None
         )
 
@@ -294,6 +303,21 @@ class ObjectStore:
             return data
 
         return self._call("GetObject", key, read)
+
+    def read_prefix(self, key: str, length: int) -> tuple[int, bytes] | None:
+        """(the object's size, its first `length` bytes: all of it when smaller), or None
+        when there is none: one ranged GET, without botocore where the keys are static."""
+        check_key(self.bucket, key)
+        reader = self._reader
+        if reader is not None:
+            try:
+                return self._call("GetObject", key, reader.prefix, key, length)
+            except ObjectNotFound:
+                return None
+        info = self.head(key)
+        if info is None:
+            return None
+        return info.size, self.get_range(key, 0, length) if info.size else b""
 
     def head(self, key: str) -> ObjectInfo | None:
         """What is stored under `key`, or None."""

@@ -244,11 +244,12 @@ def _first_rows(source: Path, rows: int, out: Path) -> None:
 
 
 def _fetch(store: ObjectStore, stored: StoredFile, path: Path) -> Path | str:
-    """The object at `path`, or why it could not be had as completed."""
+    """The object at `path`, or why it could not be had as completed. Its sha256 is checked
+    here first for a file larger than complete read (control/intake.py PREFIX_BYTES)."""
     try:
         store.get_file(stored.key, path, expected_sha256=stored.sha256)
     except ChecksumMismatch:
-        return f"{stored.key}: changed after it was completed (sha256 differs)"
+        return f"{stored.key}: its sha256 is not the one claimed at complete"
     return path
 
 

@@ -219,10 +219,12 @@ def test_bad_results_are_refused_or_rejected(
     struck = {keys.strikes(), keys.strike_log(), keys.strike_seen(), keys.worker(alice)}
     assert written == {k.encode() for k in struck}
     # A claim the store contradicts is a processed result: not accepted, the task goes back,
-    # not counted against it (a volunteer's rejection is a strike on its owner instead).
+    # not counted against it (a volunteer's rejection is a strike on its owner instead). A
+    # file this small is read whole at complete; a large one's sha256 is checked where it is
+    # downloaded (tests/security/test_cheap_checks.py).
     lying = dict(result.artifacts)
-    real = lying["adapter_model.safetensors"]
-    lying["adapter_model.safetensors"] = real.model_copy(update={"sha256": "f" * 64})
+    real = lying["adapter_config.json"]
+    lying["adapter_config.json"] = real.model_copy(update={"sha256": "f" * 64})
     answer = leases.complete(alice, lease.lease_id, CompleteRequest(artifacts=lying))
     assert not answer.accepted and "sha256" in (answer.reason or "")
     again = state.get_task(task.task_id)

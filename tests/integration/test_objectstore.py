@@ -147,6 +147,35 @@ def test_sigv4_is_enforced(object_store: ObjectStore, s3_server: S3Server) -> No
     assert not object_store.exists("private/y")
 
 
+def test_read_prefix_gives_size_and_first_bytes_in_one_read(
+    object_store: ObjectStore, s3_server: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The request path's read (data/signedread.py), and boto3's where no static keys sign."""
+    small, large = b'{"r": 8}', os.urandom(200 * 1024)
+    object_store.put_bytes("prefix/small", small)
+    object_store.put_bytes("prefix/large", large)
+    object_store.put_bytes("prefix/empty", b"")
+    assert object_store.read_prefix("prefix/small", 65536) == (len(small), small)
+    assert object_store.read_prefix("prefix/large", 65536) == (len(large), large[:65536])
+    assert object_store.read_prefix("prefix/large", 1) == (len(large), large[:1])
+    assert object_store.read_prefix("prefix/empty", 65536) == (0, b"")
+    assert object_store.read_prefix("prefix/missing", 65536) is None
+    wrong = ObjectStore(
+        s3_server.endpoint, object_store.bucket, s3_server.access_key, "not-the-secret"
+    )
+    with pytest.raises(ObjectStoreError, match=r"GetObject of s3://t-\w+/prefix/small.*403"):
+        wrong.read_prefix("prefix/small", 65536)
+    with pytest.raises(InvalidKey, match="may not start with '/'"):
+        object_store.read_prefix("/prefix/small", 8)
+    # Credentials from the environment: boto3's path, with the same answers.
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
+    ambient = ObjectStore(s3_server.endpoint, object_store.bucket, None, None)
+    assert ambient.read_prefix("prefix/large", 65536) == (len(large), large[:65536])
+    assert ambient.read_prefix("prefix/empty", 65536) == (0, b"")
+    assert ambient.read_prefix("prefix/missing", 65536) is None
+
+
 def test_bad_arguments_are_refused_before_any_request(object_store: ObjectStore) -> None:
     with pytest.raises(InvalidKey, match="key is empty"):
         object_store.put_bytes("", b"x")

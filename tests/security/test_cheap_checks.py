@@ -27,6 +27,7 @@ from tests.integration.coordinator_kit import (
     new_job,
     new_task,
     result_of,
+    train_task,
     upload,
 )
 from tests.security import adversary
@@ -174,3 +175,45 @@ def test_a_cluster_workers_bad_file_counts_against_the_task_and_strikes_no_one(
     print(f"cluster: accepted {answer.accepted}, failures {again.failures}")
     assert not answer.accepted and (again.state, again.failures) == ("queued", 1)
     assert Strikes(state).count("cluster") == 0
+
+
+def test_a_large_files_hash_is_checked_where_it_is_downloaded(
+    state: State, leases: Leases, object_store: Any, tmp_path: Any
+) -> None:
+    """complete reads the first 64 KiB of each file (control/intake.py PREFIX_BYTES). A
+    volunteer's larger adapter is hashed by the heavy checks as they download it, so a false
+    sha256 is taken into `verifying` (uncredited) and then refused there; a cluster worker's,
+    which skips the heavy checks, is hashed at complete and refused at once."""
+    from cotune.orchestrator.control.intake import PREFIX_BYTES
+    from cotune.orchestrator.pipeline.roundmerge import StoredFile
+    from cotune.orchestrator.pipeline.upload_checks import _fetch
+
+    wide = train_task(lora={"r": 16, "alpha": 32})  # 14 modules x 2 x 16 x 64 x 4 B = 114 KB
+    new_job(state, "j-1")
+    outcomes = {}
+    for kind in ("volunteer", "cluster"):
+        task = new_task(state, object_store, "j-1", shard=len(outcomes), task=wide)
+        worker = enroll(state, f"{kind}-1", kind=kind)
+        lease = leases.lease(worker, CPU)
+        assert lease is not None and lease.task_id == task.task_id
+        body = result_of(lease)
+        weights = body.artifacts[ADAPTER_WEIGHTS]
+        assert weights.bytes > PREFIX_BYTES
+        body.artifacts[ADAPTER_WEIGHTS] = weights.model_copy(update={"sha256": "e" * 64})
+        answer = leases.complete(worker, lease.lease_id, body)
+        outcomes[kind] = (answer, state.get_task(task.task_id), weights)
+        print(f"{kind}: accepted {answer.accepted}, credit {answer.credit}, {answer.reason}")
+
+    answer, volunteer_task, weights = outcomes["volunteer"]
+    assert answer.accepted and answer.credit == 0.0 and volunteer_task.state == "verifying"
+    stored = StoredFile(key=weights.key, sha256="e" * 64)
+    issue = _fetch(object_store, stored, tmp_path / "weights.safetensors")
+    assert issue == f"{weights.key}: its sha256 is not the one claimed at complete"
+    honest = StoredFile(key=weights.key, sha256=weights.sha256)
+    assert _fetch(object_store, honest, tmp_path / "honest.safetensors") != issue
+
+    answer, cluster_task, weights = outcomes["cluster"]
+    assert not answer.accepted and f"sha256 {weights.sha256}, {'e' * 64} claimed" in (
+        answer.reason or ""
+    )
+    assert (cluster_task.state, cluster_task.failures) == ("queued", 1)
