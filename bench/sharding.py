@@ -1,11 +1,12 @@
 """Sharding benchmark: flat memory across input sizes, and rows/s against Hugging Face datasets.
 
-    python -m bench sharding            # 10/50/200 MB for memory; speed on 50 MB, 5 rounds
+    python -m bench sharding            # 10/50/200 MB for memory; speed on 50 MB, 3 rounds
     python -m bench sharding --quick    # 10/20/50 MB for memory; speed on 20 MB, 3 rounds
     python -m bench sharding --speed-mb=200 --rounds=3    # speed on the largest input
 
 (1) Memory: cotune's sharder runs in a fresh process per input size; its peak RSS is read
-from getrusage in that process. The figure is the ratio peak(largest)/peak(smallest).
+from its VmHWM (bench/_memory.py: not getrusage, which survives fork and exec). The figure
+is the ratio peak(largest)/peak(smallest).
 (2) Speed: on the same file, cotune (parse, check the format, split eval by hash, K shards
 round-robin, zstd) and `datasets` (load_dataset("json") with a fresh cache, then
 train_test_split, shard(K, i).to_json per shard and for eval) run interleaved, ours then
@@ -20,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from bench._memory import peak_rss_mb
 
 SHARDS = 8
 EVAL_FRACTION = 0.05
@@ -68,7 +70,7 @@ def _child_theirs(source: Path, out: Path) -> dict[str, Any]:
 
 def _child(side: str, source: Path, out: Path) -> int:
     result = (_child_ours if side == "ours" else _child_theirs)(source, out)
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_rss_mb"] = peak_rss_mb()
     print(json.dumps(result))
     return 0
 
@@ -214,7 +216,7 @@ def _report(figures: dict[str, Any]) -> bool:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench sharding", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small inputs, two rounds")
-    parser.add_argument("--rounds", type=int, help="speed rounds per side [5; quick: 3]")
+    parser.add_argument("--rounds", type=int, help="speed rounds per side [3]")
     parser.add_argument("--speed-mb", type=int, help="input size for speed [50; quick: 20]")
     parser.add_argument("--out", type=Path, default=OUT, help=f"figures file [{OUT}]")
     parser.add_argument(
@@ -226,7 +228,7 @@ def main(argv: list[str]) -> int:
         return _child(side, Path(source), Path(out))
     args.sizes = [10, 20, 50] if args.quick else [10, 50, 200]
     args.speed_size = args.speed_mb or (20 if args.quick else 50)
-    args.rounds = args.rounds or (3 if args.quick else 5)
+    args.rounds = args.rounds or 3
     with tempfile.TemporaryDirectory(prefix="cotune-bench-") as tmp:
         figures = _measure(args, Path(tmp))
     figures["quick"] = args.quick
