@@ -1,7 +1,7 @@
 """Dispatch: lease cycles per second and lease latency, beside a no-op request and Ray's
 synchronous task rate measured in the same run.
 
-    python -m bench dispatch                  # 100 and 1,000 workers, 15 s a case
+    python -m bench dispatch                  # 100 and 1,000 workers, 10 s a case
     python -m bench dispatch --quick          # 20 and 200 workers, 4 s a case
     python -m bench dispatch --open-rate=300 --arrivals=even --processes=3
 
@@ -45,6 +45,7 @@ from bench.load import options, ray_baselines
 from bench.load.fleet import FleetResult, plan, run_fleet
 from bench.load.job import adapter_files, first_task, prepare
 from bench.load.monitor import Monitor
+from bench.load.profile import profile_lines
 from bench.load.server import CoordinatorUnderTest
 from bench.load.stats import load_average, machine, target_line, verdict
 
@@ -74,7 +75,7 @@ def _case(
         seed=args.seed,
         **options,
     )
-    monitor = Monitor(coordinator.service_pids())
+    monitor = Monitor(coordinator.service_pids(), profile=args.profile)
     result = run_fleet(the_plan, workers=workers, processes=args.processes, monitor=monitor)
     return _summary(name, scenario, workers, result, args, the_plan)
 
@@ -163,6 +164,11 @@ def _report(figures: dict[str, Any]) -> None:
     ray = figures["ray"]
     if ray:
         print(f"{'ray.get(f.remote())':<26} {'-':>7} {'-':>8} {ray['per_s']:>9,.1f}")
+    for case in figures["cases"]:
+        lines = profile_lines(case["resources"].get("coordinator", {}).get("profile", {}))
+        if lines:
+            print(f"  {case['name']}, {case['workers']:,} workers:")
+            print("\n".join(lines))
     print("targets:")
     for what, v in figures["targets"].items():
         unit = " ms" if what.endswith("_ms") else "/s" if "per_s" in what else ""
@@ -297,26 +303,26 @@ def main(argv: list[str]) -> int:
     options.add_coordinator(parser)
     add = parser.add_argument
     add("--workers", type=_sizes, help="closed-loop sizes [100,1000; quick: 20,200]")
-    add("--seconds", type=float, help="measured seconds a case [15; quick: 4]")
+    add("--seconds", type=float, help="measured seconds a case [10; quick: 4]")
     add("--warmup", type=float, help="seconds not counted at a case's start [2; quick: 1]")
     add("--open-workers", type=int, help="open-loop workers [1000; quick: 200]")
     add("--open-rate", type=float, help="open-loop cycles/s offered [500; quick: 100]")
     add("--arrivals", choices=("poisson", "even"), default="poisson", help="open loop [poisson]")
-    add("--drain", type=float, default=60.0, help="seconds due arrivals still run after [60]")
+    add("--drain", type=float, default=30.0, help="seconds due arrivals still run after [30]")
     add("--complete-workers", type=int, help="lease + complete workers [100; quick: 20]")
     add("--complete-tasks", type=int, help="tasks for the completions [8000; quick: 1000]")
-    add("--ray-seconds", type=float, help="Ray task-rate seconds, 0 skips it [10; quick: 3]")
+    add("--ray-seconds", type=float, help="Ray task-rate seconds, 0 skips it [5; quick: 3]")
     args = parser.parse_args(argv)
     quick = args.quick
     args.workers = args.workers or ([20, 200] if quick else [100, 1000])
-    args.seconds = args.seconds or (4.0 if quick else 15.0)
+    args.seconds = args.seconds or (4.0 if quick else 10.0)
     args.warmup = args.warmup if args.warmup is not None else (1.0 if quick else 2.0)
     args.open_workers = args.open_workers or (200 if quick else 1000)
     args.open_rate = args.open_rate or (100.0 if quick else 500.0)
     args.complete_workers = args.complete_workers or (20 if quick else 100)
     args.complete_tasks = args.complete_tasks or (1000 if quick else 8000)
     if args.ray_seconds is None:
-        args.ray_seconds = 3.0 if quick else 10.0
+        args.ray_seconds = 3.0 if quick else 5.0
     return options.run("dispatch", args, _measure, _report)
 
 

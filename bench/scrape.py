@@ -160,7 +160,7 @@ def measure(jobs: int, workers: int, requests: int) -> dict[str, Any]:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench scrape", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="the two smaller sizes only")
-    parser.add_argument("--requests", type=int, default=60, help="scrapes per size")
+    parser.add_argument("--requests", type=int, default=40, help="scrapes per size")
     args = parser.parse_args(argv)
     sizes = [(10, 100), TARGET_SIZE] + ([] if args.quick else [(300, 3000)])
     rows = []
@@ -188,7 +188,13 @@ def main(argv: list[str]) -> int:
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(
         json.dumps(
-            {"machine": platform.platform(), "target_ms": TARGET_MS, "met": met, "rows": rows},
+            {
+                "machine": platform.platform(),
+                "target_ms": TARGET_MS,
+                "target_size": list(TARGET_SIZE),
+                "met": met,
+                "rows": rows,
+            },
             indent=2,
         )
         + "\n"

@@ -1,6 +1,6 @@
 """Training throughput: cotune's training path against plain Trainer + PEFT, same settings.
 
-    python -m bench training                 # 5 rounds of 60 steps each side
+    python -m bench training                 # 3 rounds of 60 steps each side
     python -m bench training --quick         # 2 rounds of 15 steps
     python -m bench training --steps=60 --rounds=5 --threads=2
 
@@ -206,7 +206,7 @@ def main(argv: list[str]) -> int:
         return _child(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m bench training", description=__doc__)
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
-    parser.add_argument("--rounds", type=int, default=5, help="runs per side, alternating")
+    parser.add_argument("--rounds", type=int, default=3, help="runs per side, alternating")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per run")
     parser.add_argument("--quick", action="store_true", help="2 rounds of 15 steps")
     parser.add_argument("--out", type=Path, default=OUT)

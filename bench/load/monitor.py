@@ -8,6 +8,9 @@ what a group used says what limited a run.
     monitor = Monitor({"coordinator": [pid], "redis": [pid], ...})
     monitor.start(load_pids)   # the fleet's processes join as "load"
     figures = monitor.stop()   # {group: {cpu_mean_pct, cpu_max_pct, rss_max_mb}}
+
+With `profile=True` the coordinator's processes are also sampled by py-spy meanwhile
+(bench/load/profile.py); the summary is `figures["coordinator"]["profile"]`.
 """
 
 from __future__ import annotations
@@ -18,13 +21,23 @@ from typing import Any
 
 import psutil
 
+from bench.load.profile import Profiler
+
 INTERVAL_S = 1.0
 
 
 class Monitor:
-    def __init__(self, groups: dict[str, list[int]], *, trees: tuple[str, ...] = ("coordinator",)):
+    def __init__(
+        self,
+        groups: dict[str, list[int]],
+        *,
+        trees: tuple[str, ...] = ("coordinator",),
+        profile: bool = False,
+    ):
         self.groups = {name: list(pids) for name, pids in groups.items()}
         self.trees = trees
+        self.profile = profile
+        self._profiler: Profiler | None = None
         self._procs: dict[int, psutil.Process] = {}
         self._cpu: dict[str, list[float]] = {}
         self._rss: dict[str, list[float]] = {}
@@ -38,6 +51,8 @@ class Monitor:
         self._rss = {name: [] for name in self.groups}
         self._stop.clear()
         self._sample()  # primes cpu_percent: its first reading of a process is 0
+        if self.profile and self.groups.get("coordinator"):
+            self._profiler = Profiler(self.groups["coordinator"]).start()
         self._thread = threading.Thread(target=self._loop, name="bench-monitor", daemon=True)
         self._thread.start()
 
@@ -45,7 +60,7 @@ class Monitor:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5)
-        figures = {}
+        figures: dict[str, Any] = {}
         for name in self.groups:
             cpu, rss = self._cpu[name][1:], self._rss[name]
             figures[name] = {
@@ -53,6 +68,9 @@ class Monitor:
                 "cpu_max_pct": round(max(cpu), 1) if cpu else None,
                 "rss_max_mb": round(max(rss), 1) if rss else None,
             }
+        if self._profiler is not None and "coordinator" in figures:
+            figures["coordinator"]["profile"] = self._profiler.stop()
+            self._profiler = None
         return figures
 
     def _loop(self) -> None:

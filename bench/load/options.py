@@ -30,7 +30,8 @@ def parser(name: str, doc: str | None, out: Path) -> argparse.ArgumentParser:
 def add_coordinator(
     made: argparse.ArgumentParser, *, server: str = "auto", load_processes: int | None = None
 ) -> None:
-    """--server, --api-processes (the coordinator under test) and --processes (the load)."""
+    """--server, --api-processes (the coordinator under test), --processes (the load) and
+    --no-profile (skip py-spy's profile of the coordinator: bench/load/profile.py)."""
     choices = ("auto", "api", "coordinator") if server == "auto" else ("api", "coordinator")
     made.add_argument(
         "--server",
@@ -45,6 +46,12 @@ def add_coordinator(
         type=int,
         default=processes,
         help=f"load-generator processes [{'the CPU count' if not load_processes else processes}]",
+    )
+    made.add_argument(
+        "--no-profile",
+        dest="profile",
+        action="store_false",
+        help="do not profile the coordinator with py-spy during each case [profiled]",
     )
 
 

@@ -62,6 +62,20 @@ def _coordinator(figures: dict[str, Any]) -> None:
     assert c["settings"]["COTUNE_WORKER_RATE_PER_S"] == "1000000"  # the limiter never refuses
 
 
+def _profiled(coordinator: dict[str, Any]) -> None:
+    """py-spy's profile of the coordinator under test (bench/load/profile.py): its API's
+    loop ran, and the time it spent is named by function."""
+    from bench.load.profile import py_spy
+
+    if py_spy() is None:
+        assert "not installed" in coordinator["profile"]["note"]
+        return
+    profile = coordinator["profile"]
+    assert profile["samples"] > 0, profile
+    assert profile["threads"]["MainThread"]["busy_pct"] > 0
+    assert profile["self"] and all(0 < pct <= 100 for _, pct in profile["self"])
+
+
 def test_dispatch(tmp_path: Path) -> None:
     figures = _bench(
         "dispatch",
@@ -94,6 +108,7 @@ def test_dispatch(tmp_path: Path) -> None:
         main = case["latency"]["healthz" if case["scenario"] == "noop" else "cycle"]
         assert main["count"] > 0 and 0 < main["p50_ms"] <= main["p99_ms"] <= main["max_ms"]
         assert main["per_s"] == case["per_s"]
+    _profiled(cases[("lease+release closed", 10)]["resources"]["coordinator"])
     closed = cases[("lease+release closed", 10)]
     leases, cycles = closed["latency"]["lease"]["count"], closed["latency"]["cycle"]["count"]
     # Every counted lease led to a counted release, but for those at the window's edges.
@@ -144,6 +159,7 @@ def test_heartbeats(tmp_path: Path) -> None:
     assert figures["counts"].get("told_to_stop", 0) == 0
     coordinator = figures["resources"]["coordinator"]
     assert coordinator["cpu_mean_pct"] > 0 and coordinator["rss_max_mb"] > 0
+    _profiled(coordinator)
 
 
 def test_overhead(tmp_path: Path) -> None:
@@ -167,5 +183,7 @@ def test_overhead(tmp_path: Path) -> None:
         cotune["makespan_s"] / figures["ideal_s"], abs=1e-3
     )
     tune = figures["ray_tune"]
+    # --quick runs Tune on as many trials as cotune; each side is held to its own ideal.
+    assert figures["settings"]["tune_trials"] == trials and tune["ideal_s"] == figures["ideal_s"]
     assert tune["trials_done"] == trials and tune["errors"] == 0
     assert tune["makespan_s"] >= figures["lower_bound_s"] and tune["fit_s"] >= tune["makespan_s"]
