@@ -1,20 +1,13 @@
 """Training data: dataset rows (alpaca, chat, text, completion) rendered into token ids.
 
-Each row becomes one `Example`: `input_ids` and `labels`, where labels are -100 (ignored by
-the loss) on the prompt part unless `train_on_inputs` is set, so the model learns the
-responses only. How each format renders:
-
-    alpaca      bos + ALPACA template(instruction, input) | output + eos
-    completion  bos + prompt | completion + eos
-    chat        the tokenizer's chat template; labels on the assistant turns (each turn's
-                text from the end of the generation prompt before it to the end of the turn)
-    text        bos + text + eos, all of it trained
-
-(`|` marks where the labels start.) Examples longer than `sequence_len` are cut at the end;
-an example left with no trained token is dropped. With packing, whole examples are laid
-greedily, in order, into blocks of exactly `sequence_len` tokens; position ids restart at 0
-for each example, which transformers turns into a block-diagonal causal mask, so packed
-examples never attend to each other and train as they would alone.
+Each row becomes one `Example`: `input_ids` and `labels`, rendered by
+orchestrator/protocol/render.py (the same renderer `cotune validate --tokenizer` measures
+with; its docstring shows each format). Examples longer than `sequence_len` are cut at the
+end; an example left with no trained token is dropped, and both are counted (`Fit`), so a
+task reports how many rows its `sequence_len` cut or dropped. With packing, whole examples
+are laid greedily, in order, into blocks of exactly `sequence_len` tokens; position ids
+restart at 0 for each example, which transformers turns into a block-diagonal causal mask,
+so packed examples never attend to each other and train as they would alone.
 
 Shards are JSON lines, plain (`.jsonl`) or zstd-compressed (`.jsonl.zst`).
 """
@@ -29,23 +22,29 @@ from pathlib import Path
 from typing import Any
 
 from cotune.orchestrator.protocol.formats import row_checker
+from cotune.orchestrator.protocol.render import IGNORE_INDEX, Fit, RenderError, render
 
-IGNORE_INDEX = -100
-
-ALPACA_PROMPT = (
-    "Below is an instruction that describes a task, paired with an input that provides further "
-    "context. Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-)
-ALPACA_PROMPT_NO_INPUT = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:\n"
-)
+__all__ = [
+    "IGNORE_INDEX",
+    "Block",
+    "Collator",
+    "DataError",
+    "Example",
+    "Fit",
+    "NoUsableRows",
+    "load_examples",
+    "pack_examples",
+    "read_rows",
+    "render_row",
+]
 
 
 class DataError(ValueError):
     """A data file or row that cannot be used; the message names the file and line."""
+
+
+class NoUsableRows(DataError):
+    """Files with no row left to train on or score (empty, or every row dropped)."""
 
 
 @dataclass(frozen=True)
@@ -98,80 +97,14 @@ def read_rows(path: Path) -> Iterator[tuple[int, Any]]:
             raise DataError(f"{path}: not a valid zstd stream ({e})") from None
 
 
-def _ids(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def _bos(tokenizer: Any) -> list[int]:
-    return [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
-
-
-def _eos(tokenizer: Any) -> list[int]:
-    return [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
-
-
-def _prompt_response(
-    tokenizer: Any, prompt: str, response: str, train_on_inputs: bool
-) -> tuple[list[int], list[int]]:
-    # Prompt and response are tokenized apart so the label boundary is a token boundary.
-    prompt_ids = _bos(tokenizer) + _ids(tokenizer, prompt)
-    response_ids = _ids(tokenizer, response) + _eos(tokenizer)
-    prompt_labels = prompt_ids if train_on_inputs else [IGNORE_INDEX] * len(prompt_ids)
-    return prompt_ids + response_ids, prompt_labels + response_ids
-
-
-def _chat(
-    tokenizer: Any, messages: list[dict[str, str]], train_on_inputs: bool
-) -> tuple[list[int], list[int]]:
-    def render(msgs: list[dict[str, str]], generation_prompt: bool) -> str:
-        if not msgs and not generation_prompt:
-            return ""
-        return str(
-            tokenizer.apply_chat_template(
-                msgs, tokenize=False, add_generation_prompt=generation_prompt
-            )
-        )
-
-    full = render(messages, False)
-    spans: list[tuple[int, int]] = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        prefix = render(messages[:i], True)
-        upto = render(messages[: i + 1], False)
-        # Templates that rewrite earlier turns (rare) break the prefix property this relies on.
-        if not (full.startswith(upto) and upto.startswith(prefix)):
-            raise DataError("the chat template does not render conversations prefix by prefix")
-        spans.append((len(prefix), len(upto)))
-    encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(encoded["input_ids"])
-    if train_on_inputs:
-        return ids, list(ids)
-    labels = [IGNORE_INDEX] * len(ids)
-    for k, (lo, _hi) in enumerate(encoded["offset_mapping"]):
-        if any(start <= lo < end for start, end in spans):
-            labels[k] = ids[k]
-    return ids, labels
-
-
 def render_row(
     row: dict[str, Any], fmt: str, tokenizer: Any, *, train_on_inputs: bool, sequence_len: int
 ) -> Example:
     """One checked row of format `fmt` as token ids and labels, cut to `sequence_len`."""
-    if fmt == "alpaca":
-        extra = row.get("input")
-        template = ALPACA_PROMPT if extra else ALPACA_PROMPT_NO_INPUT
-        prompt = template.format(instruction=row["instruction"], input=extra or "")
-        ids, labels = _prompt_response(tokenizer, prompt, row["output"], train_on_inputs)
-    elif fmt == "completion":
-        ids, labels = _prompt_response(tokenizer, row["prompt"], row["completion"], train_on_inputs)
-    elif fmt == "chat":
-        ids, labels = _chat(tokenizer, row["messages"], train_on_inputs)
-    elif fmt == "text":
-        ids = _bos(tokenizer) + _ids(tokenizer, row["text"]) + _eos(tokenizer)
-        labels = list(ids)
-    else:
-        raise DataError(f"unknown dataset format {fmt!r}")
+    try:
+        ids, labels = render(row, fmt, tokenizer, train_on_inputs=train_on_inputs)
+    except RenderError as e:
+        raise DataError(str(e)) from None
     return Example(tuple(ids[:sequence_len]), tuple(labels[:sequence_len]))
 
 
@@ -182,9 +115,13 @@ def load_examples(
     *,
     sequence_len: int,
     train_on_inputs: bool,
+    fit: Fit | None = None,
 ) -> list[Example]:
-    """Every usable row of `files`, rendered; DataError naming file:line on a bad row."""
+    """Every usable row of `files`, rendered; DataError naming file:line on a bad row.
+
+    `fit`, when given, counts every row: whole, cut or dropped at `sequence_len`."""
     check = row_checker(fmt)
+    counted = fit if fit is not None else Fit(sequence_len)
     examples: list[Example] = []
     for path in files:
         for lineno, row in read_rows(path):
@@ -192,16 +129,20 @@ def load_examples(
             if reason:
                 raise DataError(f"{path}:{lineno}: not a {fmt} row: {reason}")
             try:
-                example = render_row(
-                    row, fmt, tokenizer, train_on_inputs=train_on_inputs, sequence_len=sequence_len
-                )
-            except DataError as e:
+                ids, labels = render(row, fmt, tokenizer, train_on_inputs=train_on_inputs)
+            except RenderError as e:
                 raise DataError(f"{path}:{lineno}: {e}") from None
-            if example.trained_tokens:
-                examples.append(example)
+            if counted.add(ids, labels):
+                examples.append(Example(tuple(ids[:sequence_len]), tuple(labels[:sequence_len])))
     if not examples:
         names = ", ".join(str(p) for p in files) or "(no files)"
-        raise DataError(f"{names}: no usable {fmt} rows (empty, or every response cut away)")
+        why = (
+            f"every one of its {counted.rows} rows lost all its trained tokens at "
+            f"sequence_len {sequence_len} (raise training.sequence_len)"
+            if counted.rows
+            else "it is empty"
+        )
+        raise NoUsableRows(f"{names}: no usable {fmt} rows: {why}")
     return examples
 
 

@@ -8,9 +8,11 @@ puts the adapter on it, and writes the token-weighted mean cross-entropy to a JS
     cotune evaluate --task task.json --adapter merged/ --eval eval.jsonl.zst --out result.json
     cotune evaluate --task task.json --base-only --eval eval.jsonl.zst --out base.json
 
-result.json: {"eval_loss": 2.31, "eval_tokens": 1520, "examples": 40, "seconds": 3.2,
+result.json: {"eval_loss": 2.31, "eval_tokens": 1520, "examples": 40, "rows": 42,
+"rows_cut": 3, "rows_dropped": 2, "sequence_len": 512, "seconds": 3.2,
 "adapter": "merged/" or null, "base_model": the folder (or hub id) the base loaded from}.
-Exit codes: 0 done, 1 evaluation failed, 2 bad input.
+Exit codes: 0 done, 1 evaluation failed, 2 bad input, 3 no usable rows (every eval row
+dropped at the task's sequence_len, or none at all; the message says which).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pathlib import Path
 from cotune.orchestrator.protocol.task import TrainTask
 from pydantic import ValidationError
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_ROWS = 0, 1, 2, 3
 
 
 class UsageError(ValueError):
@@ -71,17 +73,19 @@ def check_options(options: EvaluateOptions) -> TrainTask:
 
 def evaluate(options: EvaluateOptions, task: TrainTask) -> dict[str, object]:
     """Load the base (and adapter), compute the eval loss; the result mapping."""
-    from cotune.worker.data import load_examples
+    from cotune.worker.data import Fit, load_examples
     from cotune.worker.training import TrainingError, load_base, mean_loss
 
     started = time.perf_counter()
     model, tokenizer = load_base(task, models_dir=options.models_dir)
+    fit = Fit(task.sequence_len)
     examples = load_examples(
         [options.eval_file],
         task.dataset_format,
         tokenizer,
         sequence_len=task.sequence_len,
         train_on_inputs=task.train_on_inputs,
+        fit=fit,
     )
     if not examples:
         raise TrainingError(f"--eval {options.eval_file}: no usable rows")
@@ -97,6 +101,7 @@ def evaluate(options: EvaluateOptions, task: TrainTask) -> dict[str, object]:
         "eval_loss": loss,
         "eval_tokens": sum(e.trained_tokens for e in examples),
         "examples": len(examples),
+        **fit.counts(),  # rows, rows_cut, rows_dropped, sequence_len: what the eval rows kept
         "seconds": round(time.perf_counter() - started, 3),
         "adapter": str(options.adapter) if options.adapter is not None else None,
         "base_model": base_location,
@@ -110,8 +115,13 @@ def evaluate_command(options: EvaluateOptions) -> int:
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    from cotune.worker.data import NoUsableRows
+
     try:
         result = evaluate(options, task)
+    except NoUsableRows as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_NO_ROWS
     except Exception as exc:  # a failed evaluation of any kind: report it, exit 1
         print(f"error: evaluation failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_FAILED

@@ -62,7 +62,7 @@ _WORD_TEXT = (
 )
 _WORDS = _WORD_TEXT.split()
 
-# The alpaca prompt templates (worker/data.py) and the synthetic tasks' phrasing
+# The alpaca prompt templates (orchestrator/protocol/render.py) and the synthetic tasks' phrasing
 # (orchestrator/data/synthetic.py): frequent in the corpus, so they compress to few tokens and the
 # tiny example's short sequences keep room for the answers.
 _TEMPLATE_LINES = (

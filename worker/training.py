@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from cotune.orchestrator.protocol.task import TrainTask
 from cotune.worker.basemodel import load_error, resolve_base_model
 from cotune.worker.checkpoint import check_checkpoint, tidy
-from cotune.worker.data import Collator, Example, load_examples, pack_examples
+from cotune.worker.data import Collator, Example, Fit, load_examples, pack_examples
 
 if TYPE_CHECKING:
     import torch
@@ -300,12 +300,14 @@ def run_training(
     if resume_from is not None:
         check_checkpoint(resume_from)
     model, tokenizer = load_base(task, models_dir=models_dir)
+    fit = Fit(task.sequence_len)
     examples = load_examples(
         train_files,
         task.dataset_format,
         tokenizer,
         sequence_len=task.sequence_len,
         train_on_inputs=task.train_on_inputs,
+        fit=fit,
     )
     eval_examples = None
     if eval_file is not None:
@@ -345,6 +347,10 @@ def run_training(
         "steps": int(trainer.state.global_step),
         "train_loss": float(output.training_loss),
         "examples": len(examples),
+        # What sequence_len kept of the shard: rows cut short, rows that trained nothing.
+        "rows": fit.rows,
+        "rows_cut": fit.cut,
+        "rows_dropped": fit.dropped,
         "train_runtime_s": runtime,
         "tokens_per_s": session_tokens / runtime if runtime > 0 else 0.0,
         "peak_memory_bytes": memory_in_use(),

@@ -11,6 +11,7 @@ from typing import Annotated
 
 from cotune.orchestrator.api.auth import Admin, CoordinatorDep, JobId
 from cotune.orchestrator.api.context import ApiContext
+from cotune.orchestrator.control.datafit import data_fit_of
 from cotune.orchestrator.control.events import FIRST, check_event_id
 from cotune.orchestrator.control.records import JobRecord, TaskRecord
 from cotune.orchestrator.data.layout import best_prefix
@@ -212,7 +213,19 @@ def _trials(c: ApiContext, job: JobRecord) -> int:
 def _detail(c: ApiContext, job: JobRecord) -> JobDetail:
     summary = _summary(c, job, c.state.tasks_of(job.job_id))
     manifest = json.loads(job.manifest_json) if job.manifest_json else None
-    return JobDetail(**summary.model_dump(), spec_yaml=job.spec_yaml, manifest=manifest)
+    return JobDetail(
+        **summary.model_dump(),
+        spec_yaml=job.spec_yaml,
+        manifest=manifest,
+        data_fit=data_fit_of(job),
+    )
+
+
+def _reported(t: TaskRecord, name: str) -> int | None:
+    """A count the task's worker reported with its result (never used for a decision)."""
+    result = t.result()
+    value = result.metrics.get(name) if result is not None else None
+    return int(value) if isinstance(value, int | float) and value >= 0 else None
 
 
 def _task_view(t: TaskRecord) -> TaskView:
@@ -228,4 +241,6 @@ def _task_view(t: TaskRecord) -> TaskView:
         loss=t.loss,
         error=t.error,
         duplicate_of=t.duplicate_of,
+        rows_cut=_reported(t, "rows_cut"),
+        rows_dropped=_reported(t, "rows_dropped"),
     )

@@ -53,11 +53,18 @@ HomeOption = typer.Option(
 @app.command()
 def validate(
     spec: Path = typer.Argument(..., help="Sweep spec (YAML) to check."),
+    tokenizer: Path | None = typer.Option(
+        None,
+        "--tokenizer",
+        help="A model or tokenizer folder: also show the rows' lengths in tokens and what "
+        "training.sequence_len keeps of them (needs the worker extra).",
+    ),
+    rows: int = typer.Option(10_000, "--rows", min=1, help="Rows measured with --tokenizer."),
 ) -> None:
     """Check a sweep spec: print the resolved spec and what it implies, or every error (exit 2)."""
     from cotune.orchestrator.cli.validate import validate_command
 
-    raise typer.Exit(validate_command(spec))
+    raise typer.Exit(validate_command(spec, tokenizer, rows))
 
 
 WorkersOption = typer.Option(

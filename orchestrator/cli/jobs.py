@@ -301,6 +301,27 @@ def token_revoke_command(conn: Connection, name: str) -> int:
 # --- views ----------------------------------------------------------------------------------
 
 
+def fit_line(job: JobDetail, trials: list[TrialView]) -> Text | None:
+    """What sequence_len keeps of the rows: the coordinator's count on the eval rows, and the
+    counts the workers of the shown tasks reported for their shards."""
+    fit = job.data_fit
+    if fit is None:
+        return None
+    whole = fit.rows - fit.rows_cut - fit.rows_dropped
+    line = (
+        f"data at sequence_len {fit.sequence_len}: of {fit.rows} rows of the "
+        f"{fit.measured_on}, {whole} whole, {fit.rows_cut} cut, {fit.rows_dropped} dropped"
+    )
+    tasks = [t for trial in trials for t in trial.tasks if t.rows_cut is not None]
+    if tasks:
+        cut = sum(t.rows_cut or 0 for t in tasks)
+        dropped = sum(t.rows_dropped or 0 for t in tasks)
+        line += f"; {len(tasks)} task(s) report {cut} cut, {dropped} dropped"
+    if fit.warning:
+        return Text(f"{line}\nwarning: {fit.warning}", style="yellow")
+    return Text(line, style="dim")
+
+
 def status_view(job: JobDetail, trials: list[TrialView], recent: list[EventBody]) -> Group:
     t = job.tasks
     head = Text.from_markup(
@@ -312,6 +333,9 @@ def status_view(job: JobDetail, trials: list[TrialView], recent: list[EventBody]
     parts: list[object] = [head]
     if job.error:
         parts.append(Text(f"error: {job.error}", style="red"))
+    fit = fit_line(job, trials)
+    if fit is not None:
+        parts.append(fit)
     table = Table(title_justify="left", expand=False)
     for column in ("trial", "state", "rounds", "eval loss", "now", "params"):
         table.add_column(column)

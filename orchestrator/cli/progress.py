@@ -32,6 +32,7 @@ SHOWN_EVENTS = {
     "sharding_started",
     "base_model_staged",
     "dataset_sharded",
+    "data_fit",
     "trial_started",
     "round_evaluated",
     "trial_finished",
@@ -58,6 +59,13 @@ def describe_event(event: EventBody) -> str:
             f"dataset sharded: {d.get('rows')} training rows in {d.get('shards')} shard(s), "
             f"{d.get('eval_rows')} eval rows ({how})"
         )
+    if kind == "data_fit":
+        rows = d.get("rows") or 0
+        line = (
+            f"data fit at sequence_len {d.get('sequence_len')}: {d.get('rows_cut')} of {rows} "
+            f"{d.get('measured_on')} rows cut, {d.get('rows_dropped')} dropped"
+        )
+        return line + (f" (warning: {d['warning']})" if d.get("warning") else "")
     if kind == "base_model_staged":
         return f"base model staged as {d.get('key')} ({d.get('bytes', 0) / 1e6:.1f} MB)"
     if kind == "trial_started":

@@ -103,6 +103,11 @@ Errors:
   summed over a folder; s3:// data is counted when the job is sharded): `dataset.shards` at
   most the training rows, a fractional `dataset.eval_split` holds out at least one row, and
   the first 1000 rows must fit `dataset.format` within `dataset.max_bad_rows`.
+- With `--tokenizer FOLDER`: of the first `--rows` rows (10,000), rendered as training
+  renders them, at most `dataset.max_dropped_rows` may lose every trained token to
+  `training.sequence_len` and at most `dataset.max_cut_rows` be cut short. The coordinator
+  counts the same on the eval split of every job (after its base evaluation) and fails the
+  job past either; more than 2% cut or dropped is a warning in both places.
 
 Warnings (the spec is still valid):
 

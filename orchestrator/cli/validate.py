@@ -4,13 +4,24 @@ Runs on the submitter's base install (pydantic, PyYAML, rich) and writes nothing
 Exit 0: the resolved spec, its search space and the work it implies. Exit 2: every error as
 `field.path: reason`, on stderr.
 
+With `--tokenizer FOLDER` (a model or tokenizer folder; needs transformers, the worker
+extra) it also renders the first `--rows` rows of the dataset as training will
+(protocol/render.py) and shows their lengths in tokens and what `training.sequence_len`
+keeps: rows whole, cut short, dropped (no trained token left). Past
+`dataset.max_dropped_rows` or `max_cut_rows` the job would fail, so validate exits 2.
+
     cotune validate examples/tiny/sweep.yaml
+    cotune validate my-sweep.yaml --tokenizer ~/models/llama-3.2-1b --rows 5000
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+from cotune.orchestrator.protocol.dataset_probe import sample_rows
+from cotune.orchestrator.protocol.formats import row_checker
+from cotune.orchestrator.protocol.render import Fit, RenderError, fit_problem, render
 from cotune.orchestrator.protocol.spec import (
     Implied,
     SpecError,
@@ -25,9 +36,16 @@ from rich.syntax import Syntax
 from rich.table import Table
 
 EXIT_INVALID = 2
+DEFAULT_FIT_ROWS = 10_000
 
 
-def validate_command(path: Path) -> int:
+class FitError(ValueError):
+    """--tokenizer cannot measure: no transformers, no tokenizer there, unreadable data."""
+
+
+def validate_command(
+    path: Path, tokenizer: Path | None = None, rows: int = DEFAULT_FIT_ROWS
+) -> int:
     """Check the spec at `path`; print the result; return the exit code (0 valid, 2 not)."""
     out, err = Console(), Console(stderr=True)
     try:
@@ -51,8 +69,89 @@ def validate_command(path: Path) -> int:
         out.print(f"  [dim]{escape(note)}[/dim]", soft_wrap=True)
     _print_issues(out, "warning", "yellow", report.warnings)
     _print_issues(out, "note", "cyan", report.notes)
+    if tokenizer is not None:
+        try:
+            fit = measure_fit(spec, tokenizer, rows)
+        except FitError as exc:
+            err.print(f"[red]--tokenizer: {escape(str(exc))}[/red]", soft_wrap=True)
+            return EXIT_INVALID
+        out.print(_fit_table(fit, tokenizer))
+        why = fit_problem(
+            rows=fit.rows,
+            cut=fit.cut,
+            dropped=fit.dropped,
+            sequence_len=fit.sequence_len,
+            max_dropped_rows=spec.dataset.max_dropped_rows,
+            max_cut_rows=spec.dataset.max_cut_rows,
+            where=f"the first {fit.rows} of the dataset",
+        )
+        if why is not None:
+            err.print(f"[red]dataset: {escape(why)}[/red]", soft_wrap=True)
+            return EXIT_INVALID
+        if fit.warns:
+            out.print(f"[yellow]warning:[/yellow] {escape(fit.summary())}", soft_wrap=True)
     out.print(f"[green]valid:[/green] {escape(str(path))}", soft_wrap=True)
     return 0
+
+
+def measure_fit(spec: SweepSpec, tokenizer_dir: Path, limit: int) -> Fit:
+    """Render the first `limit` rows of the spec's dataset with the tokenizer at
+    `tokenizer_dir`, as training will; what training.sequence_len keeps of them."""
+    location = spec.dataset.path
+    if location.startswith("s3://"):
+        raise FitError(f"dataset.path {location}: measure a local copy (s3:// is not read here)")
+    try:
+        from transformers import AutoTokenizer  # lazy: the worker extra
+    except ImportError:
+        raise FitError("needs transformers: pip install 'cotune[worker]'") from None
+    if not tokenizer_dir.is_dir():
+        raise FitError(f"{tokenizer_dir}: no such folder")
+    try:
+        tok: Any = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    except (OSError, ValueError) as exc:
+        raise FitError(f"{tokenizer_dir}: no tokenizer loads from it ({exc})") from None
+    try:
+        rows = sample_rows(Path(location), limit)
+    except ValueError as exc:
+        raise FitError(f"dataset.path: {exc}") from None
+    check, fmt = row_checker(spec.dataset.format), spec.dataset.format
+    fit = Fit(spec.training.sequence_len, keep_lengths=True)
+    for number, row in enumerate(rows, start=1):
+        if check(row):
+            continue  # the format check above has judged these
+        try:
+            fit.add(*render(row, fmt, tok, train_on_inputs=spec.training.train_on_inputs))
+        except RenderError as exc:
+            raise FitError(f"row {number}: {exc}") from None
+    if not fit.rows:
+        raise FitError(f"dataset.path {location}: no {fmt} row to measure")
+    return fit
+
+
+def _fit_table(fit: Fit, tokenizer: Path) -> Table:
+    table = Table(
+        title=f"sequence_len {fit.sequence_len} on the first {fit.rows:,} rows "
+        f"(tokenizer {tokenizer.name})",
+        title_justify="left",
+        show_header=False,
+    )
+    table.add_column("what")
+    table.add_column("rows", justify="right")
+    whole = fit.rows - fit.cut - fit.dropped
+    for label, count in (
+        ("whole", whole),
+        ("cut short (trained tokens lost at the end)", fit.cut),
+        ("dropped (no trained token left)", fit.dropped),
+    ):
+        table.add_row(label, f"{count:,} ({fit.fraction(count):.1%})")
+    lengths = fit.distribution()
+    table.add_row(
+        "row length in tokens: p50 / p90 / p99 / max",
+        f"{lengths['p50']} / {lengths['p90']} / {lengths['p99']} / {lengths['max']}",
+    )
+    table.add_row("sequence_len keeping 99% whole", str(lengths["p99"]))
+    table.add_row("sequence_len dropping none", str(lengths["none_dropped"]))
+    return table
 
 
 def _space_table(spec: SweepSpec) -> Table:

@@ -143,6 +143,7 @@ class JobRecord:
     manifest_json: str | None
     best_trial: int | None
     base_model_json: str | None = None  # a staged base model: StoredObject JSON
+    data_fit_json: str | None = None  # what sequence_len keeps of the rows: DataFit JSON
 
     @classmethod
     def from_hash(cls, h: dict[str, str]) -> JobRecord:
@@ -157,6 +158,7 @@ class JobRecord:
             manifest_json=_opt(h.get("manifest_json")),
             best_trial=_opt_int(h.get("best_trial")),
             base_model_json=_opt(h.get("base_model_json")),
+            data_fit_json=_opt(h.get("data_fit_json")),
         )
 
     @property

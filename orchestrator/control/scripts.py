@@ -41,6 +41,7 @@ SCRIPT_NAMES = (
     "create_job",
     "transition_job",
     "record_base_model",
+    "record_data_fit",
     "cancel_job",
     "put_trial",
     "record_round",

@@ -6,8 +6,10 @@ and results.json with every trial.
     jobs/<id>/best/README.md                    model card: base, data, hyperparameters,
                                                 eval loss per round, contributing workers
     jobs/<id>/best/results.json                 every trial: params, eval losses, state,
-                                                and its accepted tasks with their tokens;
-                                                a staged base model's archive (key, sha256)
+                                                and its accepted tasks with their tokens
+                                                (and the rows their workers report cut or
+                                                dropped); the data fit; a staged base
+                                                model's archive (key, sha256)
 
 The best trial is the complete trial with the best final eval loss (pruned and failed
 trials never are). Exporting twice writes the same objects again: idempotent.
@@ -21,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cotune.orchestrator.control.datafit import data_fit_of
 from cotune.orchestrator.data.layout import best_prefix, merged_prefix
 from cotune.orchestrator.pipeline.rounds import START_ADAPTER_FILES
 
@@ -66,6 +69,9 @@ def _trial_stats(
                     "worker": result.worker_id,
                     "owner": result.owner,
                     "tokens": result.tokens,
+                    # What sequence_len kept of the shard, as the worker reported it.
+                    "rows_cut": result.metrics.get("rows_cut"),
+                    "rows_dropped": result.metrics.get("rows_dropped"),
                 }
             )
     return workers, tokens, rows
@@ -117,6 +123,8 @@ def results_document(
             "format": manifest.format,
             "train_rows": sum(s.rows for s in manifest.shards),
             "eval_rows": manifest.eval.rows,
+            # What training.sequence_len keeps of the rows, counted by the coordinator.
+            "fit": fit.model_dump() if (fit := data_fit_of(job)) else None,
         },
         "base_eval_loss": base_eval_loss,
         "best_trial": best.number if best else None,
@@ -153,6 +161,15 @@ def model_card(doc: dict[str, Any], spec: SweepSpec, best: TrialRecord) -> str:
         + (f", staged as `{staged['key']}`" if staged else ""),
         f"- Data: `{data['source']}` ({data['format']}), {data['train_rows']} training rows in "
         f"{doc['shards']} shard(s), {data['eval_rows']} eval rows",
+        *(
+            [
+                f"- Sequence length {fit['sequence_len']}: of {fit['rows']} rows of the "
+                f"{fit['measured_on']}, {fit['rows_cut']} cut short, {fit['rows_dropped']} "
+                "dropped (no trained token left)"
+            ]
+            if (fit := data.get("fit"))
+            else []
+        ),
         f"- Eval loss: **{best.eval_losses[-1]:.4f}** (base model: "
         + (f"{base:.4f})" if base is not None else "not measured)"),
         f"- Contributing workers: {trial['workers']} for this trial, {doc['workers']} for the "

@@ -54,6 +54,14 @@ class MergeFailed(RuntimeError):
     """The merge or its evaluation failed; the message says which and why."""
 
 
+class NoUsableRows(MergeFailed):
+    """`cotune evaluate` found no eval row to score: every one dropped at the task's
+    sequence_len (exit code 3); the message is the command's."""
+
+
+EXIT_NO_ROWS = 3  # worker/evaluate.py's exit code for it
+
+
 @dataclass(frozen=True)
 class StoreConfig:
     """How a Ray task reaches the object store (Ray runs on a trusted network)."""
@@ -157,14 +165,15 @@ def merge_and_evaluate(request: MergeRequest) -> MergeOutcome:
     )
 
 
-def evaluate_base(setup: EvalSetup, store_config: StoreConfig, key: str) -> float:
-    """The base model's eval loss, computed once and kept at `key`."""
+def evaluate_base(setup: EvalSetup, store_config: StoreConfig, key: str) -> dict[str, Any]:
+    """The base model's `cotune evaluate` result (eval loss, and what sequence_len kept of
+    the eval rows), computed once and kept at `key`."""
     store = store_config.open()
     done = _read_json(store, key)
     if done is None:
         done = run_evaluate(setup, store, adapter=None)
         store.put_bytes(key, (json.dumps(done, indent=2) + "\n").encode())
-    return float(done["eval_loss"])
+    return done
 
 
 def _merge(request: MergeRequest, store: ObjectStore, tmp: Path, merged: Path) -> None:
@@ -269,6 +278,9 @@ def evaluate_file(
             )
         except subprocess.TimeoutExpired as exc:
             raise MergeFailed(f"cotune evaluate ran past {EVALUATE_TIMEOUT_S:.0f} s") from exc
+        if proc.returncode == EXIT_NO_ROWS:
+            last = (proc.stderr or "").strip().splitlines()[-1:] or ["no usable eval rows"]
+            raise NoUsableRows(last[0].removeprefix("error: "))
         if proc.returncode != 0 or not out.is_file():
             tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
             raise MergeFailed(f"cotune evaluate exited with {proc.returncode}: {tail}")

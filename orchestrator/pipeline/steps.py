@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING, Any
 from cotune.orchestrator.control.intake import adapter_config
 from cotune.orchestrator.control.queue import Queue
 from cotune.orchestrator.control.records import JobRecord, StoredObject, TaskRecord, TrialRecord
-from cotune.orchestrator.data.layout import base_eval_key, data_key, merged_prefix
+from cotune.orchestrator.data.layout import data_key, merged_prefix
 from cotune.orchestrator.data.manifest import Manifest, ManifestError
+from cotune.orchestrator.pipeline.baseeval import BaseEval
 from cotune.orchestrator.pipeline.results import export_best
 from cotune.orchestrator.pipeline.roundmerge import (
     EvalSetup,
@@ -30,7 +31,6 @@ from cotune.orchestrator.pipeline.roundmerge import (
     MergeRequest,
     StoreConfig,
     StoredFile,
-    evaluate_base,
 )
 from cotune.orchestrator.pipeline.rounds import round_tasks, start_adapter
 from cotune.orchestrator.pipeline.sharding_step import ShardingStep
@@ -67,8 +67,10 @@ class JobContext:
     trial_specs: dict[int, SweepSpec] = field(default_factory=dict)
     merges: dict[tuple[int, int], Any] = field(default_factory=dict)  # in flight
     merge_failures: dict[tuple[int, int], int] = field(default_factory=dict)
-    base_eval: Any = None
+    base_eval: Any = None  # the base evaluation in flight (pipeline/baseeval.py)
     base_eval_failed: bool = False
+    base_eval_error: str | None = None  # it found no usable eval row: the job fails
+    fit_recorded: bool = False
     verify: VerifyMemory = field(default_factory=VerifyMemory)
 
     def close(self) -> None:
@@ -102,6 +104,7 @@ class JobSteps:
             region=settings.s3_region,
         )
         self.sharding = ShardingStep(state, pool, self.store_config, work_dir)
+        self.base_eval = BaseEval(state, store, pool, self.store_config)
         self.verification = Verification(
             state, store, pool, self.store_config, work_dir, max_strikes=settings.max_strikes
         )
@@ -162,7 +165,9 @@ class JobSteps:
 
     def _run(self, job: JobRecord, ctx: JobContext) -> None:
         spec, _manifest, study = self._context(job, ctx)
-        self._start_base_eval(job, ctx)
+        self.base_eval.start(job.job_id, ctx, lambda: self._base_setup(ctx))
+        if self._failed_fit(job, ctx):
+            return
         trials = {t.number: t for t in self.state.get_trials(job.job_id)}
         for orphan in study.orphans(set(trials)):
             log.info(
@@ -376,41 +381,24 @@ class JobSteps:
         task = TrainTask.from_spec(ctx.spec.with_params({}))
         return self._eval_setup(ctx, task.model_dump_json())
 
-    def _start_base_eval(self, job: JobRecord, ctx: JobContext) -> None:
-        if ctx.base_eval is not None or ctx.base_eval_failed:
-            return
-        key = base_eval_key(job.job_id)
-        if self.store.exists(key):
-            return
-        ctx.base_eval = self.pool.submit_call(
-            evaluate_base, self._base_setup(ctx), self.store_config, key
-        )
-
     def _base_loss(self, job: JobRecord, ctx: JobContext) -> tuple[bool, float | None]:
         """(known yet, loss): the base eval loss, or None if it could not be computed."""
-        key = base_eval_key(job.job_id)
-        if ctx.base_eval is None and not ctx.base_eval_failed and not self.store.exists(key):
-            self._start_base_eval(job, ctx)
-        if ctx.base_eval is not None:
-            done, loss, error = self.pool.poll(ctx.base_eval)
-            if not done:
-                return False, None
-            ctx.base_eval = None
-            if error is not None:
-                log.warning("job %s: base model evaluation failed: %s", job.job_id, error)
-                ctx.base_eval_failed = True
-                return True, None
-            return True, float(loss)
-        if ctx.base_eval_failed:
-            return True, None
-        return True, float(json.loads(self.store.get_bytes(key))["eval_loss"])
+        return self.base_eval.loss(job.job_id, ctx, lambda: self._base_setup(ctx))
+
+    def _failed_fit(self, job: JobRecord, ctx: JobContext) -> bool:
+        """Record the job's data fit once known; fail the job if its rows do not fit."""
+        assert ctx.spec is not None
+        why = self.base_eval.fit_problem(job, ctx.spec, ctx, lambda: self._base_setup(ctx))
+        if why is not None:
+            self._fail_job(job, why, expect=job.state)
+        return why is not None
 
     # --- the end ------------------------------------------------------------------------
 
     def _export(self, job: JobRecord, ctx: JobContext) -> None:
         spec, manifest, _study = self._context(job, ctx)
         known, base_loss = self._base_loss(job, ctx)
-        if not known:
+        if not known or self._failed_fit(self.state.get_job(job.job_id), ctx):
             return
         trials = self.state.get_trials(job.job_id)
         tasks = self.state.tasks_of(job.job_id)

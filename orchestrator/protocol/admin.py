@@ -70,9 +70,23 @@ class JobSummary(WireModel):
     trials: NonNegInt = Field(0, description="Trials started so far.")
 
 
+class DataFit(WireModel):
+    """What training.sequence_len keeps of a job's rows, measured by the coordinator when it
+    scores the base model on the eval rows (a hash-chosen sample of the dataset, or the eval
+    file the spec names): never a worker's count."""
+
+    measured_on: Literal["eval split", "eval file"]
+    sequence_len: Annotated[int, Field(ge=1)]
+    rows: NonNegInt
+    rows_cut: NonNegInt = Field(description="Rows longer than sequence_len: cut at the end.")
+    rows_dropped: NonNegInt = Field(description="Rows left with no trained token: dropped.")
+    warning: str | None = Field(None, description="Set when more than 2% are cut or dropped.")
+
+
 class JobDetail(JobSummary):
     spec_yaml: str
     manifest: dict[str, Any] | None = Field(None, description="The dataset's shard manifest.")
+    data_fit: DataFit | None = Field(None, description="Once the base model was evaluated.")
 
 
 class JobList(WireModel):
@@ -92,6 +106,12 @@ class TaskView(WireModel):
     error: str | None = None
     duplicate_of: str | None = Field(
         None, description="A redundancy run: the task it trains again (not a shard of its own)."
+    )
+    rows_cut: NonNegInt | None = Field(
+        None, description="Its shard's rows cut short by sequence_len, as its worker reported."
+    )
+    rows_dropped: NonNegInt | None = Field(
+        None, description="Its shard's rows that trained nothing, as its worker reported."
     )
 
 

@@ -46,6 +46,17 @@ def suffix_of(name: str) -> str | None:
     )
 
 
+def dataset_files(folder: Path) -> list[Path]:
+    """The dataset files below `folder`, in name order; hidden names skipped."""
+    return [
+        p
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+        and suffix_of(p.name)
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    ]
+
+
 def probe(path: Path, fmt: str, max_bad_rows: float) -> Probe:
     """Count the rows at `path` (file or folder) and check a sample of them against `fmt`."""
     result = Probe()
@@ -54,13 +65,7 @@ def probe(path: Path, fmt: str, max_bad_rows: float) -> Probe:
         result.rows = None
         return result
     if path.is_dir():
-        files = [
-            p
-            for p in sorted(path.rglob("*"))
-            if p.is_file()
-            and suffix_of(p.name)
-            and not any(part.startswith(".") for part in p.relative_to(path).parts)
-        ]
+        files = dataset_files(path)
         if not files:
             result.errors.append(f"{path} holds no dataset files ({', '.join(DATA_SUFFIXES)})")
     elif suffix_of(path.name) is None:
@@ -169,3 +174,31 @@ def _parquet_sample(file: Path) -> tuple[int, list[dict[str, Any]]]:
     parquet = pq.ParquetFile(file)
     sample = next(parquet.iter_batches(batch_size=SAMPLE_ROWS), None)
     return parquet.metadata.num_rows, sample.to_pylist() if sample is not None else []
+
+
+def sample_rows(path: Path, limit: int) -> list[Any]:
+    """The first `limit` parsed rows of the dataset at `path` (a file or a folder, files in
+    name order), for `cotune validate --tokenizer`; rows that are not JSON are left out (the
+    format check counts them). ValueError naming the file when one cannot be read."""
+    files = dataset_files(path) if path.is_dir() else [path]
+    rows: list[Any] = []
+    for file in files:
+        if len(rows) >= limit:
+            break
+        try:
+            if suffix_of(file.name) == ".parquet":
+                import pyarrow.parquet as pq  # lazy: not in the submitter's base install
+
+                batch = next(pq.ParquetFile(file).iter_batches(batch_size=limit), None)
+                rows += batch.to_pylist()[: limit - len(rows)] if batch is not None else []
+                continue
+            for _number, row in _json_rows(file):
+                if len(rows) >= limit:
+                    break
+                if not isinstance(row, ValueError):
+                    rows.append(row)
+        except (_Skip, ImportError) as exc:
+            raise ValueError(f"cannot read {file.name} here: {exc}") from None
+        except OSError as exc:
+            raise ValueError(f"cannot read {file.name}: {exc}") from None
+    return rows

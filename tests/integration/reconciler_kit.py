@@ -91,3 +91,11 @@ def reconciler(setup: dict[str, Any], pool: Any, identity: str = "test-a") -> Re
 def submit(setup: dict[str, Any], spec: Any, job_id: str = "recon-1") -> str:
     setup["state"].create_job(job_id, spec.name, spec.to_yaml())
     return job_id
+
+
+class CallPool(NoPool):
+    """NoPool that also runs the base model's evaluation at once (a real `cotune evaluate`
+    subprocess), so a pass sees its result."""
+
+    def submit_call(self, fn: Any, *args: Any) -> Any:
+        return self.submit_cpu_call(fn, *args)

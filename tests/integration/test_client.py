@@ -13,9 +13,10 @@ import pytest
 from cotune.orchestrator.api import ApiContext
 from cotune.orchestrator.cli.app import app as cli_app
 from cotune.orchestrator.cli.client import API_FILE, ApiError, CotuneClient, discover_url
+from cotune.orchestrator.control.datafit import record_data_fit
 from cotune.orchestrator.control.records import StoredObject, TaskInputs, TaskRecord
 from cotune.orchestrator.control.tokens import load_or_create_admin_token
-from cotune.orchestrator.protocol.admin import EventBody
+from cotune.orchestrator.protocol.admin import DataFit, EventBody
 from cotune.orchestrator.runtime.apiserver import ApiServer, serve_api
 from cotune.orchestrator.settings import Settings
 from typer.testing import CliRunner
@@ -156,6 +157,22 @@ def test_the_job_commands(
     status = cotune("status", job_id)
     assert status.exit_code == 0 and "running" in status.output and "1.7500" in status.output
     assert "learning_rate=0.002" in status.output
+    assert "data at sequence_len" not in status.output  # not measured yet
+    fit = DataFit(
+        measured_on="eval split",
+        sequence_len=64,
+        rows=200,
+        rows_cut=9,
+        rows_dropped=1,
+        warning="at training.sequence_len 64, 1 of 200 eval rows ...",
+    )
+    record_data_fit(coordinator.state, job_id, fit)
+    status = cotune("status", job_id)
+    line = "data at sequence_len 64: of 200 rows of the eval split, 190 whole, 9 cut, 1 dropped"
+    shown = " ".join(status.output.split())  # rich wraps long lines at the terminal's width
+    assert line in shown and "warning: at training.sequence_len 64, 1 of 200 eval rows" in shown
+    served_fit = CotuneClient(server.url, load_or_create_admin_token(home)).job(job_id).data_fit
+    assert served_fit == fit
     results = cotune("results", job_id)
     assert results.exit_code == 0 and "1.7500" in results.output
     listed = cotune("jobs")

@@ -77,6 +77,21 @@ class DatasetSpec(Section):
     max_bad_rows: float = Field(
         0.01, ge=0, le=1, description="Tolerated fraction of rows that do not fit the format."
     )
+    max_dropped_rows: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="Tolerated fraction of rows that lose every trained token to "
+        "training.sequence_len (a prompt that fills it): past it the job fails. Measured by "
+        "the coordinator on the eval rows; more than 2% cut or dropped is warned about.",
+    )
+    max_cut_rows: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="Tolerated fraction of rows cut short by training.sequence_len (some "
+        "trained tokens lost): past it the job fails; 1: never.",
+    )
 
 
 class TrainingSpec(Section):

@@ -53,6 +53,9 @@ def test_base_only_and_an_adapter_give_finite_losses_and_differ(
     assert base["adapter"] is None and tuned["adapter"] == str(adapter)
     assert base["eval_tokens"] == tuned["eval_tokens"] > 0
     assert base["examples"] == 24
+    # What sequence_len 64 kept of the 24 rows: the coordinator's data fit comes from here.
+    assert base["rows"] == 24 and base["sequence_len"] == 64
+    assert base["rows_dropped"] == 0 and 0 <= base["rows_cut"] < 24
     assert 0 < base["eval_loss"] < 50 and 0 < tuned["eval_loss"] < 50
     assert base["eval_loss"] != tuned["eval_loss"]  # the random adapter changes the model
 
@@ -88,3 +91,16 @@ def test_bad_input_exits_2_naming_what_is_wrong(
     assert done.returncode == 2, done.stderr
     assert message.format(tmp=tmp_path) in done.stderr
     assert not (tmp_path / "r.json").exists()
+
+
+def test_every_row_dropped_exits_3_saying_so(files: dict[str, Path], tmp_path: Path) -> None:
+    task = TrainTask.model_validate_json(files["task"].read_text())
+    short = tmp_path / "short.json"
+    short.write_text(task.model_copy(update={"sequence_len": 16}).model_dump_json())
+    out = tmp_path / "r.json"
+    done = evaluate(
+        "--task", str(short), "--eval", str(files["eval"]), "--base-only", "--out", str(out)
+    )
+    assert done.returncode == 3, done.stderr
+    assert "every one of its 24 rows lost all its trained tokens at sequence_len 16" in done.stderr
+    assert not out.exists()

@@ -143,6 +143,9 @@ def test_metrics_and_progress_reports(trained: Any) -> None:
     assert metrics["steps"] == STEPS and not result.stopped
     assert metrics["tokens"] > STEPS * 8 * 20  # about 57 tokens per alpaca row
     assert math.isfinite(metrics["train_loss"])
+    # At sequence_len 128 every synthetic row (40-68 tokens) fits whole.
+    assert (metrics["rows"], metrics["rows_cut"], metrics["rows_dropped"]) == (400, 0, 0)
+    assert metrics["examples"] == 400
     assert [p.step for p in hooks.progress] == list(range(1, STEPS + 1))
     assert [(p.step, p.loss) for p in hooks.progress] == list(result.losses)
     assert hooks.progress[-1].tokens_seen == metrics["tokens"]
