@@ -48,7 +48,7 @@ def _sharding(f: dict[str, Any]) -> list[Row]:
 def _training(f: dict[str, Any]) -> list[Row]:
     return [
         (
-            "tokens/s, cotune / Trainer + PEFT (paired steps, median)",
+            "tokens/s, cotune / Trainer + PEFT (best of rounds)",
             f"{f['ratio']:.3f}",
             f">= {f['target']}",
             f["ratio"] >= f["target"],

@@ -1,6 +1,6 @@
 """Heartbeats at scale: W workers each holding a lease and heartbeating it every 15 s.
 
-    python -m bench heartbeats              # 10,000 workers for 60 s (plus setup)
+    python -m bench heartbeats              # 10,000 workers for 45 s (plus setup)
     python -m bench heartbeats --seconds=300   # the target's five minutes
     python -m bench heartbeats --quick      # 1,000 workers, 30 s
     python -m bench heartbeats --workers=5000 --seconds=120 --processes=3
@@ -25,7 +25,7 @@ a reset or a timeout).
 psutil samples the coordinator's processes (and Redis's, SeaweedFS's and the load
 generator's) once a second: CPU (100 = one core) and RSS. Target (issue "Performance at
 scale"): 10,000 workers every 15 s for 5 minutes, p99 under 50 ms, no errors. `make bench`
-runs 60 s to fit its twenty minutes; `--seconds=300` is the target's length. Where the
+runs 45 s to fit its twenty minutes; `--seconds=300` is the target's length. Where the
 coordinator serves fewer beats than are offered, its backlog, and so the p99, grows with the
 run's length: a shorter run understates such a miss. Results: a table and
 bench/out/heartbeats.json. A missed target does not fail the run.
@@ -164,14 +164,14 @@ def main(argv: list[str]) -> int:
     options.add_coordinator(parser)
     add = parser.add_argument
     add("--workers", type=int, help="simulated workers [10000; quick: 1000]")
-    add("--seconds", type=float, help="run length [60; quick: 30]")
+    add("--seconds", type=float, help="run length [45; quick: 30]")
     add("--interval", type=float, default=15.0, help="seconds between a worker's beats [15]")
     add("--warmup", type=float, default=0.0, help="seconds not counted at the start [0]")
     add("--drain", type=float, default=30.0, help="seconds due beats are sent after the end [30]")
     add("--setup-concurrency", type=int, default=32, help="setup requests in flight a process")
     args = parser.parse_args(argv)
     args.workers = args.workers or (1000 if args.quick else 10_000)
-    args.seconds = args.seconds or (30.0 if args.quick else 60.0)
+    args.seconds = args.seconds or (30.0 if args.quick else 45.0)
     return options.run("heartbeats", args, _measure, _report)
 
 
