@@ -16,7 +16,9 @@ from __future__ import annotations
 import json
 import random
 import string
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from cotune.orchestrator.protocol.builtin_models import TINY_LLAMA_CONFIG
 
@@ -131,8 +133,15 @@ def _train_tokenizer(seed: int):  # -> PreTrainedTokenizerFast (heavy import kep
     )
 
 
-def build_tiny_llama(out_dir: Path, seed: int = 0) -> Path:
-    """Write the tiny model + tokenizer into `out_dir` (created; must be empty or absent)."""
+def build_tiny_llama(
+    out_dir: Path, seed: int = 0, *, architecture: Mapping[str, Any] | None = None
+) -> Path:
+    """Write the tiny model + tokenizer into `out_dir` (created; must be empty or absent).
+
+    `architecture` overrides config.json fields of TINY_LLAMA_CONFIG (hidden_size,
+    num_hidden_layers, ...; the vocabulary stays the tokenizer's) for a larger random-init
+    model with the same tokenizer: bench/quality's second model. Only the default is the
+    built-in `cotune://tiny-llama`."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -144,8 +153,11 @@ def build_tiny_llama(out_dir: Path, seed: int = 0) -> Path:
     tokenizer = _train_tokenizer(seed)
     if len(tokenizer) != VOCAB_SIZE:
         raise RuntimeError(f"tiny tokenizer has {len(tokenizer)} tokens, expected {VOCAB_SIZE}")
+    shape = {**TINY_LLAMA_CONFIG, **(architecture or {})}
+    if shape["vocab_size"] != VOCAB_SIZE:
+        raise ValueError(f"vocab_size is the tokenizer's, {VOCAB_SIZE}")
     config = LlamaConfig(
-        **TINY_LLAMA_CONFIG,
+        **shape,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -161,10 +173,12 @@ def build_tiny_llama(out_dir: Path, seed: int = 0) -> Path:
         # usual 0.02 init logits span about +-1.3 and the loss can barely fall. This scale
         # gives logits of std ~2 at init, like a trained model's.
         with torch.no_grad():
-            model.lm_head.weight.normal_(0.0, LM_HEAD_STD)
+            model.lm_head.weight.normal_(0.0, 2.0 / shape["hidden_size"] ** 0.5)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    marker = {"name": "tiny-llama", "version": TINY_LLAMA_VERSION, "seed": seed}
+    marker: dict[str, Any] = {"name": "tiny-llama", "version": TINY_LLAMA_VERSION, "seed": seed}
+    if architecture:
+        marker["architecture"] = dict(architecture)
     (out_dir / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
     return out_dir

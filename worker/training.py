@@ -10,7 +10,9 @@ from the task and reports through `TrainingHooks`:
     adapter      a fresh LoRA init (seeded from the task) or the round's start adapter,
                  loaded trainable; explicit target modules or "all-linear"
     optimizer    any of TrainTask.optimizer (AdamW, bitsandbytes 8-bit / paged AdamW),
-                 warmup then the task's decay schedule, gradient clipping and accumulation
+                 warmup then the task's decay schedule (over its own steps, or its slice
+                 of a schedule spanning the trial's rounds: `schedule_steps`,
+                 `schedule_offset`), gradient clipping and accumulation
     data         worker/data.py (labels on the responses only unless train_on_inputs;
                  optional packing), shuffled by the Trainer's seeded sampler
     checkpoints  every `checkpoint_steps` and when a hook asks to stop (worker/checkpoint.py)
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -276,6 +279,39 @@ def _callback(task: TrainTask, hooks: TrainingHooks | None) -> Any:
     return HooksCallback()
 
 
+def _trainer_class(task: TrainTask) -> Any:
+    """transformers' Trainer; with a schedule that spans more than this task (a trial's
+    rounds), one whose learning rate follows steps [offset, offset + max_steps) of it."""
+    from transformers import Trainer
+
+    if task.schedule_steps is None:
+        return Trainer
+    total: int = task.schedule_steps
+    offset = task.schedule_offset
+
+    def shift(f: Callable[[int], float]) -> Callable[[int], float]:
+        return lambda step: f(step + offset)
+
+    class SpanningTrainer(Trainer):
+        def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+            if self.lr_scheduler is None:
+                from torch.optim.lr_scheduler import LambdaLR
+                from transformers import get_scheduler
+
+                optimizer = optimizer or self.optimizer
+                whole = get_scheduler(
+                    self.args.lr_scheduler_type,
+                    optimizer=optimizer,
+                    num_warmup_steps=self.args.get_warmup_steps(total),
+                    num_training_steps=total,
+                )
+                self.lr_scheduler = LambdaLR(optimizer, [shift(f) for f in whole.lr_lambdas])
+                self._created_lr_scheduler = True
+            return self.lr_scheduler
+
+    return SpanningTrainer
+
+
 def run_training(
     task: TrainTask,
     work_dir: Path,
@@ -292,7 +328,7 @@ def run_training(
     `resume_from` (a checkpoint folder) continues that run: same batches, same losses.
     `models_dir` caches built-in base models [default: $COTUNE_HOME/models].
     """
-    from transformers import PrinterCallback, Trainer
+    from transformers import PrinterCallback
 
     work_dir = Path(work_dir)
     if not train_files:
@@ -325,7 +361,7 @@ def run_training(
     model = peft_model(task, model, start_adapter)
     dtype = compute_dtype(task)
     callback = _callback(task, hooks)
-    trainer = Trainer(
+    trainer = _trainer_class(task)(
         model=model,
         args=training_arguments(task, work_dir / CHECKPOINTS_DIR, dtype),
         train_dataset=dataset,

@@ -3,7 +3,9 @@
 Task t of round r trains shard s of the job's data, starting from the trial's merged
 adapter of round r-1 (a fresh LoRA init in round 0), with the trial's concrete settings
 (`SweepSpec.with_params`) and a seed of its own (`seed_for(job, trial, round, shard)`), so
-whoever trains it, and however often, it is the same run.
+whoever trains it, and however often, it is the same run. With `training.lr_schedule_span:
+trial` its learning rate follows its slice of one schedule over the trial's rounds
+(`schedule_steps`, `schedule_offset`), not a warmup and decay of its own.
 
 Placement: a task sits in the memory tier (orchestrator/control/tiers.py) of what it needs:
 `requirements.gpu_memory_gb` when the spec gives it, else the memory estimator's figure for
@@ -86,10 +88,17 @@ def round_tasks(
     if (start is None) != (round == 0):
         raise ValueError(f"round {round}: a start adapter is needed after round 0, and only then")
     tier = tier_for(requirement_bytes(trial_spec, store))
+    steps = trial_spec.training.max_steps
+    span: dict[str, int] = {}
+    if trial_spec.training.lr_schedule_span == "trial" and isinstance(steps, int):
+        # One schedule over the trial: round r trains steps [r * steps, (r + 1) * steps).
+        span = {"schedule_steps": steps * trial_spec.rounds, "schedule_offset": steps * round}
     tasks = []
     for shard, split in enumerate(manifest.shards):
         task = TrainTask.from_spec(
-            trial_spec, seed=seed_for(job_id, trial, round, shard, trial_spec.training.seed)
+            trial_spec,
+            seed=seed_for(job_id, trial, round, shard, trial_spec.training.seed),
+            **span,
         )
         inputs = TaskInputs(
             base_model=staged_model or trial_spec.base_model,

@@ -92,6 +92,15 @@ class TrainTask(BaseModel):
     train_on_inputs: bool = Field(False, description="False: loss on the responses only.")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping; 0 turns it off.")
     checkpoint_steps: int | None = Field(None, ge=1, description="Checkpoint every N steps.")
+    schedule_steps: int | None = Field(
+        None,
+        ge=1,
+        description="The learning-rate schedule's length when it spans more than this task "
+        "(a trial's rounds x max_steps); None: the schedule is this task's max_steps.",
+    )
+    schedule_offset: int = Field(
+        0, ge=0, description="Steps of that schedule done before this task (earlier rounds)."
+    )
     seed: int = Field(0, ge=0, lt=2**32)
     lora: LoraSettings = LoraSettings()
     quantization: QuantizationSettings = QuantizationSettings()
@@ -100,6 +109,11 @@ class TrainTask(BaseModel):
     def _warmup(self) -> TrainTask:
         if self.warmup_steps is not None and self.warmup_ratio is not None:
             raise ValueError("give warmup_steps or warmup_ratio, not both")
+        if self.schedule_steps is None:
+            if self.schedule_offset:
+                raise ValueError("schedule_offset needs schedule_steps")
+        elif self.max_steps is None or self.schedule_offset + self.max_steps > self.schedule_steps:
+            raise ValueError("a spanning schedule needs max_steps, within schedule_steps")
         return self
 
     @classmethod

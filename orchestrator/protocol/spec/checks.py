@@ -61,6 +61,13 @@ def errors(spec: SweepSpec, dataset_rows: int | None) -> list[SpecIssue]:
         )
     if t.warmup_steps is not None and t.warmup_ratio is not None:
         out.append(_both("training.warmup_steps", "training.warmup_ratio"))
+    if t.lr_schedule_span == "trial" and t.max_steps is None:
+        out.append(
+            SpecIssue(
+                "training.lr_schedule_span",
+                "trial spans rounds x training.max_steps: set max_steps, not num_epochs",
+            )
+        )
     if m.density is not None and m.method not in ("ties", "dare"):
         out.append(
             SpecIssue("merge.density", f"only ties and dare take it (merge.method: {m.method})")

@@ -110,6 +110,13 @@ class TrainingSpec(Section):
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
         "cosine", description="Learning-rate schedule over the task's steps."
     )
+    lr_schedule_span: Literal["round", "trial"] = Field(
+        "round",
+        description="What the warmup and decay span: round: each round's task runs the whole "
+        "schedule over its max_steps (a restart per round); trial: one schedule over the "
+        "trial's rounds x max_steps, each round's task taking its slice of it (needs "
+        "max_steps).",
+    )
     warmup_steps: Annotated[
         int | SearchDim | None, Searchable(number_check(integer=True, ge=0), _WHOLE, nullable=True)
     ] = Field(None, description="Warmup steps. Not with warmup_ratio.")

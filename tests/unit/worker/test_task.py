@@ -54,3 +54,47 @@ def test_seed_for_is_deterministic_and_spreads() -> None:
     assert all(0 <= s < 2**31 for s in seeds)
     with pytest.raises(ValueError, match=">= 0"):
         seed_for("job", -1, 0, 0)
+
+
+def test_a_spanning_schedule_needs_max_steps_inside_it() -> None:
+    task = TrainTask(base_model="x/y", max_steps=4, schedule_steps=12, schedule_offset=8)
+    assert (task.schedule_steps, task.schedule_offset) == (12, 8)
+    with pytest.raises(ValidationError, match="schedule_offset needs schedule_steps"):
+        TrainTask(base_model="x/y", max_steps=4, schedule_offset=4)
+    with pytest.raises(ValidationError, match="within schedule_steps"):
+        TrainTask(base_model="x/y", max_steps=4, schedule_steps=12, schedule_offset=9)
+    with pytest.raises(ValidationError, match="needs max_steps"):
+        TrainTask(base_model="x/y", schedule_steps=12)
+
+
+def test_round_tasks_take_their_slice_of_a_trial_schedule(tmp_path: Path) -> None:
+    from cotune.orchestrator.data.sharding import shard_dataset
+    from cotune.orchestrator.pipeline.rounds import round_tasks
+
+    spec = load_spec(TINY_SPEC).with_params({"training.learning_rate": 3e-3, "lora.lora_r": 4})
+    manifest = shard_dataset(
+        ROOT / "examples/tiny/data/train.jsonl",
+        fmt="alpaca",
+        shards=2,
+        eval_split=0.1,
+        seed=0,
+        out_dir=tmp_path / "data",
+    )
+    for span, expected in (("round", [(None, 0), (None, 0)]), ("trial", [(24, 0), (24, 12)])):
+        training = spec.training.model_copy(update={"lr_schedule_span": span})
+        trial_spec = spec.model_copy(update={"training": training})
+        got = []
+        for rnd in (0, 1):
+            start = None if rnd == 0 else {}
+            (first, *_) = round_tasks(
+                job_id="tiny-1",
+                trial_spec=trial_spec,
+                manifest=manifest,
+                trial=0,
+                round=rnd,
+                start=start,  # type: ignore[arg-type]
+                max_attempts=2,
+            )
+            task = TrainTask.model_validate_json(first.task_json)
+            got.append((task.schedule_steps, task.schedule_offset))
+        assert got == expected, span

@@ -265,3 +265,23 @@ def test_checkpoint_checks(tmp_path: Path) -> None:
     (folder / "training_args.bin").write_bytes(b"pickle")
     with pytest.raises(CheckpointError, match="a pickle"):
         check_checkpoint(folder)
+
+
+def test_a_task_follows_its_slice_of_a_schedule_spanning_rounds(
+    tiny_model_dir: Path, data: dict[str, Path], tmp_path: Path
+) -> None:
+    """Two 4-step rounds of an 8-step schedule take the whole run's learning rates, in
+    order: one warmup (3 steps of 8) and one cosine decay, not a restart per round."""
+
+    def rates(name: str, **fields: Any) -> list[float]:
+        hooks = Recorder()
+        task = _task(tiny_model_dir, warmup_steps=3, **fields)
+        run_training(task, tmp_path / name, train_files=[data["train"]], hooks=hooks)
+        return [p.learning_rate for p in hooks.progress]
+
+    whole = rates("whole", max_steps=8)
+    first = rates("r0", max_steps=4, schedule_steps=8, schedule_offset=0)
+    second = rates("r1", max_steps=4, schedule_steps=8, schedule_offset=4)
+    assert first + second == pytest.approx(whole, rel=1e-9)
+    restart = rates("restart", max_steps=4)  # the per-round schedule: warmup again
+    assert restart != pytest.approx(second) and restart[0] < second[0]
