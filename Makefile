@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 # `make demo` work on a fresh clone; it is redone when pyproject.toml changes.
 INSTALLED := $(VENV)/.cotune-installed
 
-.PHONY: install lint format typecheck test test-fast bench demo lock clean
+.PHONY: install lint format typecheck test test-fast bench bench-quality demo lock clean
 
 $(PY):
 	$(PY_BOOT) -m venv $(VENV)
@@ -58,6 +58,11 @@ test-fast: $(INSTALLED) $(CHECKOV)
 
 bench: $(INSTALLED)
 	$(PY) -m bench
+
+# Result quality (bench/quality/): federated rounds against central training, with its
+# tables in docs/quality.md and the plot docs/images/quality.png.
+bench-quality: $(INSTALLED)
+	$(PY) -m bench.quality
 
 demo: $(INSTALLED)
 	$(VENV)/bin/cotune run examples/tiny/sweep.yaml --out out/tiny
