@@ -16,8 +16,10 @@ What runs (bench/quality/runs.py: every figure is cotune's own pipeline):
 - (a) synchronous: the same with a global batch of 8 K (gradient accumulation K) for T/K
   steps: what K workers would do if they all-reduced every step (DiLoCo's baseline);
 - cotune: `cotune run` with K shards and R rounds of T/(K R) steps a task, merged by svd, for
-  K in {2, 4, 8} and R in {1, 3, 6}; at K 8, R 3 also by cat, linear and ties; at K 8, R 3
-  and R 6 with one learning-rate schedule over the trial (`lr_schedule_span: trial`);
+  K in {2, 4, 8} and R in {1, 3, 6}; at K 4, R 3 also by cat, linear and ties; at K 4 and
+  K 8, R 3 with one learning-rate schedule over the trial (`lr_schedule_span: trial`); all of
+  a model's settings are jobs of one `cotune up` with two local workers, and the central
+  runs go on beside them;
 - the models: the built-in tiny Llama (hidden 64, 2 layers) for all of it, and a larger
   random-init one (hidden 256, 4 layers, the same tokenizer) for (a), (b) and K 8, R 3.
 
@@ -41,7 +43,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.quality.runs import Budget, Outcome, RunFailed, Setting, central, federated
+from bench.quality.runs import Budget, Outcome, RunFailed, Setting, central, federated_all
 from bench.quality.tasks import write as write_rows
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -66,8 +68,8 @@ FULL = Plan(
     budget=Budget(steps=192),
     settings=(
         *(Setting(k, r) for k in (2, 4, 8) for r in (1, 3, 6)),
-        *(Setting(8, 3, m) for m in ("cat", "linear", "ties")),
-        *(Setting(8, r, span="trial") for r in (3, 6)),
+        *(Setting(4, 3, m) for m in ("cat", "linear", "ties")),
+        *(Setting(k, 3, span="trial") for k in (4, 8)),
     ),
     curve=(6, 3, 2),
     larger=(Setting(8, 3),),
@@ -90,9 +92,8 @@ def main(argv: list[str]) -> int:
     except RunFailed as exc:
         print(f"a run failed (its folder is kept: {work}):\n{exc}", file=sys.stderr)
         return 1
-    finally:
-        if not args.keep and work.exists():
-            shutil.rmtree(work, ignore_errors=True)
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
     report["seconds"] = round(time.perf_counter() - started, 1)
     report["quick"] = args.quick
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -137,50 +138,48 @@ def model_runs(
 
     def show(outcome: Outcome) -> Outcome:
         losses = " ".join(f"{x:.3f}" for x in outcome.eval_losses)
-        print(f"  {outcome.name:24} eval loss {losses}  ({outcome.seconds:.0f} s)", flush=True)
+        print(f"  {outcome.name:36} eval loss {losses}  ({outcome.seconds:.0f} s)", flush=True)
         return outcome
 
-    one = show(central(work / "b", base, train, eval_file, budget, name="(b) one worker", steps=T))
-    curve = [
-        show(
+    def run_central(name: str, folder: str, steps: int, accumulation: int = 1) -> Outcome:
+        return show(
             central(
-                work / f"b-{d}", base, train, eval_file, budget, name=f"(b) T/{d}", steps=T // d
-            )
-        )
-        for d in plan.curve
-    ]
-    sync: dict[int, Outcome] = {}
-    for k in sorted({s.shards for s in settings}):
-        sync[k] = show(
-            central(
-                work / f"a-{k}",
+                work / folder,
                 base,
                 train,
                 eval_file,
                 budget,
-                name=f"(a) sync batch x{k}",
-                steps=T // k,
-                accumulation=k,
+                name=name,
+                steps=steps,
+                accumulation=accumulation,
             )
         )
-    fed = [
-        show(
-            federated(
-                work / f"k{s.shards}-r{s.rounds}-{s.merge}", base, train, eval_file, budget, s
-            )
-        )
-        for s in settings
-    ]
+
+    done: dict[str, Any] = {}
+
+    def centrals() -> None:
+        """(b), its curve and each (a), while the stack trains the federated settings."""
+        done["one"] = run_central("(b) one worker", "b", T)
+        done["curve"] = [run_central(f"(b) T/{d}", f"b-{d}", T // d) for d in plan.curve]
+        done["sync"] = {
+            k: run_central(f"(a) sync, batch x{k}", f"a-{k}", T // k, k)
+            for k in sorted({s.shards for s in settings})
+        }
+
+    fed = federated_all(
+        work / "federated", base, train, eval_file, budget, settings, meanwhile=centrals
+    )
+    for outcome in fed:
+        show(outcome)
     base_loss = next((f.base_eval_loss for f in fed if f.base_eval_loss is not None), None)
     return {
         "base_model": base,
         "base_eval_loss": base_loss,
-        "one_worker": asdict(one),
-        "one_worker_curve": [asdict(c) for c in curve],
-        "sync": {str(k): asdict(v) for k, v in sync.items()},
+        "one_worker": asdict(done["one"]),
+        "one_worker_curve": [asdict(c) for c in done["curve"]],
+        "sync": {str(k): asdict(v) for k, v in done["sync"].items()},
         "federated": [
-            {**asdict(f), "shards": s.shards, "rounds": s.rounds, "merge": s.merge}
-            for f, s in zip(fed, settings, strict=True)
+            {**asdict(f), **asdict(s), "name": s.name} for f, s in zip(fed, settings, strict=True)
         ],
     }
 

@@ -1,8 +1,12 @@
 """The quality benchmark's runs, each one cotune's own command in a subprocess:
 
-    federated   `cotune run SPEC --out OUT --home HOME`: the embedded stack, the coordinator
-                and a local worker train K shards for R rounds; the merged adapter of each
-                round is scored by the coordinator on the eval file (results.json)
+    federated   one `cotune up --home HOME --workers 2` for all of a model's settings (the
+                embedded stack, the coordinator, two local workers), each setting a job by
+                `cotune submit SPEC`, its results by `cotune download JOB`: K shards for R
+                rounds, the merged adapter of each round scored by the coordinator on the
+                eval file (results.json). The jobs share the stack so that one job's merges
+                overlap another's training (one `cotune run` a setting spent most of its time
+                starting and stopping services)
     central     `cotune train-local SPEC --data TRAIN --out OUT` (one schedule over all the
                 steps), then `cotune evaluate --adapter OUT/adapter --eval EVAL`: the same
                 scoring command the coordinator runs
@@ -14,6 +18,9 @@ reproduced from the folder alone.
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -122,20 +129,104 @@ def spec_for(
     }
 
 
-def _run(argv: list[str], log: Path) -> None:
+def _run(argv: list[str], log: Path, env: dict[str, str] | None = None) -> None:
     with log.open("w") as out:
         proc = subprocess.run(
-            argv, stdout=out, stderr=subprocess.STDOUT, timeout=RUN_TIMEOUT_S, check=False
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            timeout=RUN_TIMEOUT_S,
+            check=False,
+            env=env,
         )
     if proc.returncode != 0:
         tail = "\n".join(log.read_text().splitlines()[-20:])
         raise RunFailed(f"{' '.join(argv[2:4])} exited with {proc.returncode}:\n{tail}")
 
 
-def federated(
+class Stack:
+    """`cotune up` on a home of its own, and the jobs submitted to it."""
+
+    def __init__(self, home: Path, workers: int = 2) -> None:
+        self.home = home
+        home.mkdir(parents=True)
+        self.env = {**os.environ, "COTUNE_HOME": str(home)}
+        self.log = (home.parent / "up.log").open("w")
+        self.proc = subprocess.Popen(
+            [*COTUNE, "up", "--home", str(home), "--workers", str(workers)],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            start_new_session=True,
+        )
+        self.started: dict[str, float] = {}
+        self._client = self._connect()
+
+    def _connect(self) -> Any:
+        from cotune.orchestrator.cli.client import CotuneClient, discover_url
+        from cotune.orchestrator.control.tokens import load_or_create_admin_token
+
+        give_up = time.monotonic() + 180
+        while (url := discover_url(self.home)) is None:
+            if self.proc.poll() is not None or time.monotonic() > give_up:
+                raise RunFailed(f"cotune up did not come up; see {self.log.name}")
+            time.sleep(0.5)
+        return CotuneClient(url, load_or_create_admin_token(self.home))
+
+    def submit(self, spec_file: Path) -> str:
+        """`cotune submit`: the job id it printed."""
+        done = subprocess.run(
+            [*COTUNE, "submit", str(spec_file)], capture_output=True, text=True, env=self.env
+        )
+        found = re.search(r"submitted (\S+?);", done.stdout)
+        if done.returncode != 0 or found is None:
+            raise RunFailed(f"cotune submit {spec_file}: {done.stdout}{done.stderr}")
+        self.started[found.group(1)] = time.perf_counter()
+        return found.group(1)
+
+    def wait(self, job_ids: list[str], timeout_s: float = RUN_TIMEOUT_S) -> dict[str, float]:
+        """Until every job has ended: each one's seconds from submission; RunFailed naming a
+        job that did not succeed."""
+        left, ended = set(job_ids), {}
+        give_up = time.monotonic() + timeout_s
+        while left:
+            for job_id in sorted(left):
+                job = self._client.job(job_id)
+                if job.state in ("succeeded", "failed", "cancelled"):
+                    if job.state != "succeeded":
+                        raise RunFailed(f"job {job_id} {job.state}: {job.error}")
+                    ended[job_id] = time.perf_counter() - self.started[job_id]
+                    left.discard(job_id)
+            if time.monotonic() > give_up:
+                raise RunFailed(f"jobs {sorted(left)} still running after {timeout_s:.0f} s")
+            time.sleep(1.0)
+        return ended
+
+    def results(self, job_id: str, out: Path) -> dict[str, Any]:
+        """`cotune download`: the job's results.json."""
+        _run(
+            [*COTUNE, "download", job_id, "--out", str(out)],
+            out.parent / f"{job_id}.log",
+            env=self.env,
+        )
+        data: dict[str, Any] = json.loads((out / "results.json").read_text())
+        return data
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGINT)  # cotune up stops everything on Ctrl-C
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log.close()
+
+
+def federated_spec(
     work: Path, base_model: str, train: Path, eval_file: Path, budget: Budget, setting: Setting
-) -> Outcome:
-    """`cotune run` of the setting: K shards, R rounds, budget.steps / (K R) steps a task."""
+) -> Path:
+    """The spec file of one setting: K shards, R rounds, budget.steps / (K R) steps a task."""
     per_task, left = divmod(budget.steps, setting.shards * setting.rounds)
     if left or per_task < 1:
         raise ValueError(f"{setting.name}: {budget.steps} steps do not split into K x R tasks")
@@ -153,28 +244,60 @@ def federated(
     )
     spec_file = work / "sweep.yaml"
     spec_file.write_text(yaml.safe_dump(spec, sort_keys=False))
-    started = time.perf_counter()
-    argv = [
-        *COTUNE,
-        "run",
-        str(spec_file),
-        "--out",
-        str(work / "out"),
-        "--home",
-        str(work / "home"),
-    ]
-    _run(argv, work / "run.log")
-    results = json.loads((work / "out" / "results.json").read_text())
+    return spec_file
+
+
+def federated_outcome(
+    setting: Setting, budget: Budget, results: dict[str, Any], seconds: float
+) -> Outcome:
     (trial,) = results["trials"]
     return Outcome(
         name=setting.name,
         eval_losses=[float(x) for x in trial["eval_losses"]],
         base_eval_loss=results["base_eval_loss"],
-        steps_per_round=per_task,
+        steps_per_round=budget.steps // (setting.shards * setting.rounds),
         merges=setting.rounds,
-        seconds=time.perf_counter() - started,
+        seconds=seconds,
         extra={"data_fit": results["dataset"].get("fit")},
     )
+
+
+def federated_all(
+    work: Path,
+    base_model: str,
+    train: Path,
+    eval_file: Path,
+    budget: Budget,
+    settings: tuple[Setting, ...],
+    *,
+    meanwhile: Any = None,
+) -> list[Outcome]:
+    """Every setting as a job of one `cotune up`; `meanwhile()` runs while they train (the
+    central runs), so the machine's two cores stay busy."""
+    stack = Stack(work / "home")
+    try:
+        jobs = []
+        for setting in settings:
+            spec = federated_spec(
+                work / setting.name.replace(", ", "-").replace(" ", ""),
+                base_model,
+                train,
+                eval_file,
+                budget,
+                setting,
+            )
+            jobs.append(stack.submit(spec))
+        if meanwhile is not None:
+            meanwhile()
+        seconds = stack.wait(jobs)
+        return [
+            federated_outcome(
+                setting, budget, stack.results(job, work / f"results-{job}"), seconds[job]
+            )
+            for setting, job in zip(settings, jobs, strict=True)
+        ]
+    finally:
+        stack.stop()
 
 
 def central(
