@@ -155,6 +155,7 @@ def rewrite_doc(report: dict[str, Any], doc: Path, begin: str, end: str) -> None
     ]
     for label, runs in report["models"].items():
         parts += [f"**{label} model**", "", table(runs, T), ""]
+    parts += ["![eval loss against trained tokens](images/quality.png)", ""]
     text = doc.read_text()
     start, stop = text.index(begin) + len(begin), text.index(end)
     doc.write_text(text[:start] + "\n" + "\n".join(parts) + text[stop:])
