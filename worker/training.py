@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -37,6 +36,7 @@ from cotune.orchestrator.protocol.task import TrainTask
 from cotune.worker.basemodel import load_error, resolve_base_model
 from cotune.worker.checkpoint import check_checkpoint, tidy
 from cotune.worker.data import Collator, Example, Fit, load_examples, pack_examples
+from cotune.worker.schedule import trainer_class
 
 if TYPE_CHECKING:
     import torch
@@ -279,39 +279,6 @@ def _callback(task: TrainTask, hooks: TrainingHooks | None) -> Any:
     return HooksCallback()
 
 
-def _trainer_class(task: TrainTask) -> Any:
-    """transformers' Trainer; with a schedule that spans more than this task (a trial's
-    rounds), one whose learning rate follows steps [offset, offset + max_steps) of it."""
-    from transformers import Trainer
-
-    if task.schedule_steps is None:
-        return Trainer
-    total: int = task.schedule_steps
-    offset = task.schedule_offset
-
-    def shift(f: Callable[[int], float]) -> Callable[[int], float]:
-        return lambda step: f(step + offset)
-
-    class SpanningTrainer(Trainer):
-        def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
-            if self.lr_scheduler is None:
-                from torch.optim.lr_scheduler import LambdaLR
-                from transformers import get_scheduler
-
-                optimizer = optimizer or self.optimizer
-                whole = get_scheduler(
-                    self.args.lr_scheduler_type,
-                    optimizer=optimizer,
-                    num_warmup_steps=self.args.get_warmup_steps(total),
-                    num_training_steps=total,
-                )
-                self.lr_scheduler = LambdaLR(optimizer, [shift(f) for f in whole.lr_lambdas])
-                self._created_lr_scheduler = True
-            return self.lr_scheduler
-
-    return SpanningTrainer
-
-
 def run_training(
     task: TrainTask,
     work_dir: Path,
@@ -361,7 +328,7 @@ def run_training(
     model = peft_model(task, model, start_adapter)
     dtype = compute_dtype(task)
     callback = _callback(task, hooks)
-    trainer = _trainer_class(task)(
+    trainer = trainer_class(task)(
         model=model,
         args=training_arguments(task, work_dir / CHECKPOINTS_DIR, dtype),
         train_dataset=dataset,
