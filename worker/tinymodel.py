@@ -31,7 +31,6 @@ MARKER_FILE = "cotune-tiny-model.json"
 # to exactly its vocabulary size.
 VOCAB_SIZE: int = TINY_LLAMA_CONFIG["vocab_size"]
 MAX_POSITIONS: int = TINY_LLAMA_CONFIG["max_position_embeddings"]
-LM_HEAD_STD = 2.0 / TINY_LLAMA_CONFIG["hidden_size"] ** 0.5
 
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
